@@ -1,0 +1,13 @@
+"""A scikit-learn variational autoencoder with a structured-covariance decoder.
+
+``sk_covvae`` provides :class:`CovarianceVAE`, a convolutional variational
+autoencoder trained through skorch whose Gaussian decoder models the
+correlation between neighbouring pixels through a banded Cholesky factor of
+its precision matrix.
+"""
+
+from sk_covvae._estimator import CovarianceVAE
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["CovarianceVAE", "__version__"]

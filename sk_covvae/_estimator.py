@@ -1,0 +1,568 @@
+"""The scikit-learn face of the model: the :class:`CovarianceVAE` estimator."""
+
+import math
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+from skorch.callbacks import EarlyStopping
+from skorch.dataset import ValidSplit
+
+from sk_covvae._modules import VAEModule
+from sk_covvae._net import NegativeELBO, VAENet, log_likelihood_bound
+
+__all__ = ["CovarianceVAE", "ImageShapeWarning"]
+
+# Off-diagonal mass of each row of L^T relative to its diagonal; see
+# sk_covvae.distributions.constrain_banded_parameters.
+_RHO = 0.9
+# Images per forward pass in transform, score_samples and friends.
+_INFERENCE_BATCH = 1024
+# Seed of the noise shared by all images in score_samples.
+_SCORE_SEED = 0
+
+
+class ImageShapeWarning(UserWarning):
+    """Warned when ``image_shape=None`` and the pixels cannot form a square."""
+
+
+def _resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"device={device!r} is not a valid torch device; use 'auto', 'cpu', "
+            "'cuda' or 'cuda:N'."
+        ) from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but CUDA is not available on this "
+            "machine; use device='auto' or device='cpu'."
+        )
+    return device
+
+
+class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    r"""Convolutional variational autoencoder with a structured-covariance decoder.
+
+    The decoder is a Gaussian :math:`p(x|z) = N(\mu_\theta(z),
+    \Lambda_\theta(z)^{-1})` whose precision :math:`\Lambda = L L^\top` has a
+    lower-triangular factor ``L`` coupling each pixel to its right-hand
+    neighbour and to the pixel below (``covariance='banded'``), so it models
+    the correlated noise of difference images. ``'diagonal'`` (independent
+    pixels, one scale each) and ``'spherical'`` (one learned scale for all
+    pixels) are the classical special cases. The encoder is
+    :math:`q(z|x) = N(\mu_\phi(x), \mathrm{diag}\,\sigma_\phi(x)^2)` and the
+    prior :math:`N(0, I)`. Training minimises the negative ELBO with Adam,
+    through skorch, stopping early on a held-out validation fraction.
+
+    Data are standardized internally by one global offset and scale (the mean
+    and standard deviation of all training pixels); every output is in the
+    units of ``X`` and log-densities include the Jacobian of that map.
+
+    Parameters
+    ----------
+    n_components : int, default=50
+        Size of the latent space.
+    covariance : {'banded', 'diagonal', 'spherical'}, default='banded'
+        Structure of the decoder's covariance.
+    image_shape : tuple of int (H, W) or None, default=None
+        Shape of each image; rows of ``X`` are images flattened row-major.
+        ``None`` means square images when ``n_features`` is a perfect square,
+        otherwise 1-D signals of shape ``(1, n_features)`` (with an
+        :class:`ImageShapeWarning`).
+    max_epochs : int, default=100
+        Maximum number of passes over the training data.
+    batch_size : int, default=256
+        Mini-batch size for training.
+    lr : float, default=1e-3
+        Learning rate of Adam.
+    patience : int or None, default=20
+        Stop when the validation loss has not improved for this many epochs,
+        and restore the weights of the best epoch. ``None`` trains for
+        ``max_epochs`` (still keeping the best validation epoch's weights when
+        ``validation_fraction`` is set).
+    validation_fraction : float in (0, 1) or None, default=0.1
+        Fraction of the training data held out to monitor the loss. ``None``
+        trains on all data; then ``patience`` must be ``None``.
+    channels : tuple of int (c1, c2), default=(16, 32)
+        Channels of the encoder's two convolutions (mirrored in the decoder).
+    hidden_units : int, default=256
+        Width of the hidden fully connected layers.
+    min_scale, max_scale : float, default=1e-3, 10.0
+        Bounds on the decoder's per-pixel scale ``1 / L_ii``, in units of the
+        data's global standard deviation. With the coupling bound
+        ``|right_i| + |down_i| <= 0.9 L_ii``, every eigenvalue of the
+        decoder's covariance lies in ``[min_scale**2 / 1.9**2,
+        max_scale**2 / 0.1**2]`` (times the data variance); ``min_scale`` is
+        also the floor that keeps the density of constant pixels finite.
+    n_score_particles : int, default=1
+        Particles ``k`` used by :meth:`score_samples`: 1 gives the ELBO, more
+        give the tighter importance-weighted bound (``k`` times the cost).
+    device : str, default='auto'
+        Torch device for training and inference; ``'auto'`` uses CUDA when
+        available. Requesting CUDA where it is absent raises ``ValueError``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds weight initialisation, mini-batch order, the validation split
+        and the training noise. Fits with the same integer are identical on
+        the same hardware.
+    verbose : int, default=0
+        If positive, print skorch's table of losses per epoch.
+
+    Attributes
+    ----------
+    net_ : skorch.NeuralNet
+        The fitted net; ``net_.module_`` is the PyTorch module and
+        ``net_.history`` the per-epoch losses (in standardized units).
+    image_shape_ : tuple of int (H, W)
+        Shape of the images.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during fit, when ``X`` has string column names.
+    offset_, scale_ : float
+        Global standardization: the model sees ``(X - offset_) / scale_``.
+    n_epochs_ : int
+        Number of epochs run.
+    device_ : str
+        Device the model was fitted on.
+
+    See Also
+    --------
+    sklearn.decomposition.PCA : Linear latent features with a spherical
+        Gaussian noise model.
+    sklearn.decomposition.FactorAnalysis : Linear latent features with a
+        diagonal Gaussian noise model.
+    sk_covvae.distributions.BandedPrecisionNormal : The decoder's
+        distribution.
+
+    References
+    ----------
+    .. [1] Kingma, D. P. and Welling, M., "Auto-Encoding Variational Bayes",
+       ICLR 2014.
+    .. [2] Dorta, G., Vicente, S., Agapito, L., Campbell, N. D. F. and
+       Simpson, I., "Structured Uncertainty Prediction Networks", CVPR 2018.
+    .. [3] Burda, Y., Grosse, R. and Salakhutdinov, R., "Importance Weighted
+       Autoencoders", ICLR 2016.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_covvae import CovarianceVAE
+    >>> X = np.random.RandomState(0).normal(size=(64, 36))
+    >>> vae = CovarianceVAE(n_components=2, max_epochs=3, random_state=0).fit(X)
+    >>> vae.image_shape_
+    (6, 6)
+    >>> vae.transform(X).shape
+    (64, 2)
+    >>> vae.sample(n_samples=3, random_state=0).shape
+    (3, 36)
+    >>> bool(np.isclose(vae.score(X), vae.score_samples(X).mean()))
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "covariance": [StrOptions({"banded", "diagonal", "spherical"})],
+        "image_shape": [tuple, list, None],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "patience": [Interval(Integral, 1, None, closed="left"), None],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
+        "channels": [tuple, list],
+        "hidden_units": [Interval(Integral, 1, None, closed="left")],
+        "min_scale": [Interval(Real, 0, None, closed="neither")],
+        "max_scale": [Interval(Real, 0, None, closed="neither")],
+        "n_score_particles": [Interval(Integral, 1, None, closed="left")],
+        "device": [str],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        n_components=50,
+        *,
+        covariance="banded",
+        image_shape=None,
+        max_epochs=100,
+        batch_size=256,
+        lr=1e-3,
+        patience=20,
+        validation_fraction=0.1,
+        channels=(16, 32),
+        hidden_units=256,
+        min_scale=1e-3,
+        max_scale=10.0,
+        n_score_particles=1,
+        device="auto",
+        random_state=None,
+        verbose=0,
+    ):
+        self.n_components = n_components
+        self.covariance = covariance
+        self.image_shape = image_shape
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.channels = channels
+        self.hidden_units = hidden_units
+        self.min_scale = min_scale
+        self.max_scale = max_scale
+        self.n_score_particles = n_score_particles
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ checks
+    def _check_params(self, n_features):
+        """Check what ``_parameter_constraints`` cannot; return the image shape."""
+        if self.min_scale >= self.max_scale:
+            raise ValueError(
+                f"min_scale={self.min_scale} must be smaller than "
+                f"max_scale={self.max_scale}."
+            )
+        if self.patience is not None and self.validation_fraction is None:
+            raise ValueError(
+                "Early stopping needs a validation set: set validation_fraction "
+                "(e.g. 0.1) or patience=None."
+            )
+        channels = tuple(self.channels)
+        if len(channels) != 2 or not all(
+            isinstance(c, Integral) and not isinstance(c, bool) and c >= 1
+            for c in channels
+        ):
+            raise ValueError(
+                f"channels must be two positive integers, got {self.channels!r}."
+            )
+        return self._image_shape(n_features)
+
+    def _image_shape(self, n_features):
+        if self.image_shape is None:
+            side = math.isqrt(n_features)
+            if side * side == n_features:
+                return (side, side)
+            warnings.warn(
+                f"n_features={n_features} is not a perfect square, so each row "
+                f"is treated as a 1-D signal of shape (1, {n_features}). Pass "
+                "image_shape=(H, W) with H * W == n_features for images.",
+                ImageShapeWarning,
+                stacklevel=3,
+            )
+            return (1, n_features)
+        shape = tuple(self.image_shape)
+        if len(shape) != 2 or not all(
+            isinstance(s, Integral | np.integer) and not isinstance(s, bool) and s >= 1
+            for s in shape
+        ):
+            raise ValueError(
+                "image_shape must be None or two positive integers (H, W), "
+                f"got {self.image_shape!r}."
+            )
+        shape = (int(shape[0]), int(shape[1]))
+        if shape[0] * shape[1] != n_features:
+            raise ValueError(
+                f"image_shape={shape} holds {shape[0] * shape[1]} pixels but X has "
+                f"{n_features} features."
+            )
+        return shape
+
+    def _validate_X(self, X, reset):
+        return validate_data(
+            self,
+            X,
+            reset=reset,
+            dtype=[np.float64, np.float32],
+            ensure_min_samples=2 if reset else 1,
+        )
+
+    def _standardize(self, X):
+        Xt = (np.asarray(X, dtype=np.float64) - self.offset_) / self.scale_
+        return torch.as_tensor(Xt, dtype=torch.float32)
+
+    # --------------------------------------------------------------------- fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Fit the VAE to images.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Images flattened row-major. Integer input (e.g. uint8) is
+            converted to float without rescaling.
+        y : None
+            Ignored; present for API consistency.
+
+        Returns
+        -------
+        self : CovarianceVAE
+            The fitted estimator.
+        """
+        X = self._validate_X(X, reset=True)
+        image_shape = self._check_params(X.shape[1])
+        device = _resolve_device(self.device)
+        n_samples = X.shape[0]
+        if self.validation_fraction is not None:
+            n_valid = math.ceil(self.validation_fraction * n_samples)
+            if n_samples - n_valid < 1:
+                raise ValueError(
+                    f"n_samples={n_samples} is too few to hold out "
+                    f"validation_fraction={self.validation_fraction}: no training "
+                    "sample would remain. Pass more samples or "
+                    "validation_fraction=None, patience=None."
+                )
+        rng = check_random_state(self.random_state)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+
+        offset = float(np.mean(X, dtype=np.float64))
+        scale = float(np.std(X, dtype=np.float64))
+        if not np.isfinite(offset) or not np.isfinite(scale):
+            raise ValueError(
+                "The mean or standard deviation of X overflows float64; rescale X."
+            )
+        scale = scale if scale > 0 else 1.0
+
+        callbacks = []
+        if self.validation_fraction is not None:
+            callbacks.append(
+                (
+                    "early_stopping",
+                    EarlyStopping(
+                        monitor="valid_loss",
+                        patience=self.patience
+                        if self.patience is not None
+                        else self.max_epochs + 1,
+                        # Losses in nats can be negative: compare absolutely.
+                        threshold=0.0,
+                        threshold_mode="abs",
+                        load_best=True,
+                    ),
+                )
+            )
+        net = VAENet(
+            module=VAEModule,
+            module__image_shape=image_shape,
+            module__n_components=self.n_components,
+            module__covariance=self.covariance,
+            module__channels=tuple(int(c) for c in self.channels),
+            module__hidden_units=self.hidden_units,
+            module__log_diag_bounds=(
+                -math.log(self.max_scale),
+                -math.log(self.min_scale),
+            ),
+            module__rho=_RHO,
+            criterion=NegativeELBO,
+            optimizer=torch.optim.Adam,
+            lr=self.lr,
+            max_epochs=self.max_epochs,
+            batch_size=self.batch_size,
+            iterator_train__shuffle=True,
+            train_split=(
+                None
+                if self.validation_fraction is None
+                else ValidSplit(
+                    self.validation_fraction, stratified=False, random_state=seed
+                )
+            ),
+            callbacks=callbacks,
+            device=device,
+            verbose=self.verbose,
+        )
+        Xt = torch.as_tensor((X - offset) / scale, dtype=torch.float32)
+        devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            net.fit(Xt, None)
+
+        self.net_ = net
+        self.image_shape_ = image_shape
+        self.offset_ = offset
+        self.scale_ = scale
+        self.n_epochs_ = len(net.history)
+        self.device_ = device
+        return self
+
+    # --------------------------------------------------------------- inference
+    def _batches(self, X):
+        Xt = self._standardize(X)
+        for start in range(0, Xt.shape[0], _INFERENCE_BATCH):
+            yield Xt[start : start + _INFERENCE_BATCH].to(self.net_.device)
+
+    def _module(self):
+        module = self.net_.module_
+        module.eval()
+        return module
+
+    def transform(self, X):
+        """Posterior means of the latent variables, E[z | x].
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, n_components)
+            Deterministic latent features, in the dtype of ``X`` (float32
+            or float64).
+        """
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False)
+        module = self._module()
+        with torch.inference_mode():
+            Z = [module.encode(xb)[0].cpu() for xb in self._batches(X)]
+        return torch.cat(Z).numpy().astype(X.dtype, copy=False)
+
+    def inverse_transform(self, X):
+        """Decoder means for latent vectors, in the units of the data.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_components)
+            Latent vectors, e.g. from :meth:`transform`.
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features_in_)
+        """
+        check_is_fitted(self)
+        Z = check_array(X, dtype=[np.float64, np.float32])
+        if Z.shape[1] != self._n_latent:
+            raise ValueError(
+                f"X has {Z.shape[1]} features, but {type(self).__name__} expects "
+                f"latent vectors with n_components={self._n_latent} features."
+            )
+        module = self._module()
+        Zt = torch.as_tensor(Z, dtype=torch.float32)
+        with torch.inference_mode():
+            means = [
+                module.decode(Zt[i : i + _INFERENCE_BATCH].to(self.net_.device))
+                .mean.reshape(-1, self.n_features_in_)
+                .cpu()
+                for i in range(0, Zt.shape[0], _INFERENCE_BATCH)
+            ]
+        means = torch.cat(means).numpy().astype(np.float64)
+        return (means * self.scale_ + self.offset_).astype(Z.dtype, copy=False)
+
+    def score_samples(self, X):
+        """Lower bound on the log-likelihood log p(x) of each sample, in nats.
+
+        With ``n_score_particles=1`` the evidence lower bound (ELBO),
+        ``E_q[log p(x|z)] - KL(q(z|x) || p(z))``, its expectation estimated
+        with one ``z``; with ``k > 1`` the importance-weighted bound with
+        ``k`` particles. The standard normal draws are fixed and shared by all
+        samples, so the result is deterministic and does not depend on the
+        other rows of ``X``. Densities are in the units of ``X`` (the
+        Jacobian of the internal standardization is included). Higher means
+        more typical; ``-score_samples`` is an anomaly score.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False)
+        module = self._module()
+        generator = torch.Generator().manual_seed(_SCORE_SEED)
+        eps = torch.randn(
+            self.n_score_particles, self._n_latent, generator=generator
+        ).to(self.net_.device)
+        with torch.inference_mode():
+            scores = [
+                log_likelihood_bound(module, xb, eps).double().cpu()
+                for xb in self._batches(X)
+            ]
+        jacobian = self.n_features_in_ * math.log(self.scale_)
+        return torch.cat(scores).numpy() - jacobian
+
+    def score(self, X, y=None):
+        """Mean of :meth:`score_samples`, a lower bound on the mean log-likelihood.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        score : float
+        """
+        return float(np.mean(self.score_samples(X)))
+
+    def sample(self, n_samples=1, random_state=None):
+        """Draw images from the model: z ~ N(0, I), then x ~ p(x|z).
+
+        Each image is the decoder mean plus noise with the decoder's
+        structured covariance, drawn by back substitution.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+            Number of images to draw.
+        random_state : int, RandomState instance or None, default=None
+            Seeds the draws.
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features_in_)
+        """
+        check_is_fitted(self)
+        if (
+            not isinstance(n_samples, Integral | np.integer)
+            or isinstance(n_samples, bool)
+            or n_samples < 1
+        ):
+            raise ValueError(
+                f"n_samples must be a positive integer, got {n_samples!r}."
+            )
+        rng = check_random_state(random_state)
+        generator = torch.Generator().manual_seed(
+            int(rng.randint(np.iinfo(np.int32).max))
+        )
+        module = self._module()
+        device = self.net_.device
+        out = []
+        with torch.inference_mode():
+            for start in range(0, n_samples, _INFERENCE_BATCH):
+                n = min(_INFERENCE_BATCH, n_samples - start)
+                z = torch.randn(n, self._n_latent, generator=generator)
+                eps = torch.randn(n, *self.image_shape_, generator=generator)
+                px = module.decode(z.to(device))
+                out.append(px.reparameterize(eps.to(device)).reshape(n, -1).cpu())
+        X = torch.cat(out).numpy().astype(np.float64)
+        return X * self.scale_ + self.offset_
+
+    # ------------------------------------------------------------ sklearn glue
+    @property
+    def _n_latent(self):
+        """Latent size of the fitted model (raises AttributeError before fit)."""
+        return self.net_.module_.encoder.n_components
+
+    @property
+    def _n_features_out(self):
+        return self._n_latent
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags

@@ -1,0 +1,295 @@
+"""PyTorch modules of the convolutional VAE: encoder, decoder and its heads.
+
+The layer sizes follow from the image shape, so that one architecture serves
+28x28 Fashion-MNIST, 21x21 survey stamps, non-square images and the tiny
+images of scikit-learn's common checks: each of the two convolutions halves a
+dimension (stride 2) while it is at least ``_MIN_SIZE_TO_STRIDE`` pixels and
+keeps it otherwise, and the transposed convolutions undo exactly that.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from sk_covvae.distributions import (
+    BandedPrecisionNormal,
+    DiagonalPrecisionNormal,
+    SphericalPrecisionNormal,
+    constrain_banded_parameters,
+)
+
+_MIN_SIZE_TO_STRIDE = 8
+# Posterior log-variances are soft-clamped to (-_LOGVAR_BOUND, _LOGVAR_BOUND):
+# q(z|x) standard deviations in about [0.02, 55], far outside the useful range
+# on either side, but never 0 or inf.
+_LOGVAR_BOUND = 8.0
+
+
+def _downsampling_plan(size: int) -> list[tuple[int, int, int]]:
+    """(stride, input size, output size) of the two convolutions along one axis."""
+    plan = []
+    for _ in range(2):
+        stride = 2 if size >= _MIN_SIZE_TO_STRIDE else 1
+        out = (size - 1) // stride + 1  # kernel 3, padding 1
+        plan.append((stride, size, out))
+        size = out
+    return plan
+
+
+def _conv_transpose(in_channels, out_channels, plan_h, plan_w):
+    """Transposed convolution inverting the convolution of ``plan_h``/``plan_w``.
+
+    ``ConvTranspose2d`` (kernel 3, padding 1) maps n to (n - 1) * s + 1 + p;
+    the output padding p restores the exact input size of the convolution.
+    """
+    (sh, in_h, out_h), (sw, in_w, out_w) = plan_h, plan_w
+    pad_h = in_h - ((out_h - 1) * sh + 1)
+    pad_w = in_w - ((out_w - 1) * sw + 1)
+    return nn.ConvTranspose2d(
+        in_channels,
+        out_channels,
+        kernel_size=3,
+        stride=(sh, sw),
+        padding=1,
+        output_padding=(pad_h, pad_w),
+    )
+
+
+class Encoder(nn.Module):
+    """Two convolutions and two fully connected layers giving q(z|x).
+
+    Parameters
+    ----------
+    image_shape : tuple of int (H, W)
+    n_components : int
+        Size of the latent space.
+    channels : tuple of int (c1, c2)
+        Channels of the two convolutions.
+    hidden_units : int
+        Width of the hidden fully connected layer.
+    """
+
+    def __init__(self, image_shape, n_components, channels, hidden_units):
+        super().__init__()
+        H, W = image_shape
+        plan_h, plan_w = _downsampling_plan(H), _downsampling_plan(W)
+        c1, c2 = channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, c1, 3, stride=(plan_h[0][0], plan_w[0][0]), padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, stride=(plan_h[1][0], plan_w[1][0]), padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        flat = c2 * plan_h[1][2] * plan_w[1][2]
+        self.fc = nn.Sequential(
+            nn.Linear(flat, hidden_units),
+            nn.ReLU(),
+            nn.Linear(hidden_units, 2 * n_components),
+        )
+        self.n_components = n_components
+
+    def forward(self, x, dtype=None):
+        """Return the mean and log-variance of q(z|x) for images (N, 1, H, W).
+
+        ``dtype`` (default: that of the weights) is the dtype of the outputs
+        and of the soft clamp of the log-variance; see ``VAEModule.encode``.
+        """
+        h = self.fc(self.conv(x))
+        if dtype is not None:
+            h = h.to(dtype)
+        mu, raw_logvar = h.split(self.n_components, dim=-1)
+        logvar = _LOGVAR_BOUND * torch.tanh(raw_logvar / _LOGVAR_BOUND)
+        return mu, logvar
+
+
+def _head(c2, c1, out_channels, plan_h, plan_w):
+    return nn.Sequential(
+        _conv_transpose(c2, c1, plan_h[1], plan_w[1]),
+        nn.ReLU(),
+        _conv_transpose(c1, out_channels, plan_h[0], plan_w[0]),
+    )
+
+
+class Decoder(nn.Module):
+    """Two fully connected layers feeding a mean head and a covariance head.
+
+    Each head is two transposed convolutions. The covariance head emits the
+    unconstrained ``log_diag`` (and, for ``'banded'``, ``right`` and ``down``),
+    which :func:`~sk_covvae.distributions.constrain_banded_parameters` maps to
+    a well-conditioned precision factor; ``'spherical'`` has no head, only one
+    learned scalar.
+
+    Parameters
+    ----------
+    image_shape : tuple of int (H, W)
+    n_components : int
+    covariance : {'spherical', 'diagonal', 'banded'}
+    channels : tuple of int (c1, c2)
+    hidden_units : int
+    log_diag_bounds : tuple of float (a, b)
+        Interval of the log diagonal of the precision factor.
+    rho : float in [0, 1)
+        Off-diagonal mass of each row of L^T relative to its diagonal.
+    """
+
+    def __init__(
+        self,
+        image_shape,
+        n_components,
+        covariance,
+        channels,
+        hidden_units,
+        log_diag_bounds,
+        rho,
+    ):
+        super().__init__()
+        H, W = image_shape
+        plan_h, plan_w = _downsampling_plan(H), _downsampling_plan(W)
+        c1, c2 = channels
+        h2, w2 = plan_h[1][2], plan_w[1][2]
+        self.trunk = nn.Sequential(
+            nn.Linear(n_components, hidden_units),
+            nn.ReLU(),
+            nn.Linear(hidden_units, c2 * h2 * w2),
+            nn.ReLU(),
+            nn.Unflatten(1, (c2, h2, w2)),
+        )
+        self.mean_head = _head(c2, c1, 1, plan_h, plan_w)
+        self.covariance = covariance
+        self.log_diag_bounds = tuple(log_diag_bounds)
+        self.rho = rho
+        # Start every pixel at log_diag = 0, a unit scale on standardized data.
+        low, high = self.log_diag_bounds
+        frac = min(max((0.0 - low) / (high - low), 1e-3), 1 - 1e-3)
+        start = math.log(frac / (1.0 - frac))
+        if covariance == "spherical":
+            self.raw_log_diag = nn.Parameter(torch.tensor(start))
+        else:
+            n_out = 3 if covariance == "banded" else 1
+            self.covariance_head = _head(c2, c1, n_out, plan_h, plan_w)
+            last = self.covariance_head[-1]
+            with torch.no_grad():
+                last.bias.zero_()
+                last.bias[0] = start
+
+    def forward(self, z, dtype=None):
+        """Return the decoder distribution p(x|z), batch (N,), event (H, W).
+
+        ``dtype`` (default: that of the weights) is the dtype of the
+        distribution's parameters; see ``VAEModule.decode``.
+        """
+        weight = self.trunk[0].weight
+        h = self.trunk(z.to(weight.dtype))
+        loc = self.mean_head(h)[:, 0]
+        dtype = weight.dtype if dtype is None else dtype
+        loc = loc.to(dtype)
+        if self.covariance == "spherical":
+            log_diag, _, _ = constrain_banded_parameters(
+                self.raw_log_diag.to(dtype),
+                log_diag_bounds=self.log_diag_bounds,
+                rho=self.rho,
+            )
+            return SphericalPrecisionNormal(loc, log_diag.expand(loc.shape[0]))
+        raw = self.covariance_head(h).to(dtype)
+        if self.covariance == "diagonal":
+            log_diag, _, _ = constrain_banded_parameters(
+                raw[:, 0], log_diag_bounds=self.log_diag_bounds, rho=self.rho
+            )
+            return DiagonalPrecisionNormal(loc, log_diag)
+        log_diag, right, down = constrain_banded_parameters(
+            raw[:, 0],
+            raw[:, 1],
+            raw[:, 2],
+            log_diag_bounds=self.log_diag_bounds,
+            rho=self.rho,
+        )
+        return BandedPrecisionNormal(loc, log_diag, right, down)
+
+
+class VAEModule(nn.Module):
+    """Convolutional VAE with a structured Gaussian decoder.
+
+    Takes flattened images (N, H * W), as scikit-learn passes them.
+
+    Parameters
+    ----------
+    image_shape : tuple of int (H, W)
+    n_components : int
+    covariance : {'spherical', 'diagonal', 'banded'}
+    channels : tuple of int (c1, c2), default=(16, 32)
+    hidden_units : int, default=256
+    log_diag_bounds : tuple of float, default=(-2.3, 6.9)
+    rho : float, default=0.9
+    """
+
+    def __init__(
+        self,
+        image_shape,
+        n_components,
+        covariance="banded",
+        channels=(16, 32),
+        hidden_units=256,
+        log_diag_bounds=(-2.3, 6.9),
+        rho=0.9,
+    ):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.encoder = Encoder(self.image_shape, n_components, channels, hidden_units)
+        self.decoder = Decoder(
+            self.image_shape,
+            n_components,
+            covariance,
+            channels,
+            hidden_units,
+            log_diag_bounds,
+            rho,
+        )
+
+    def images(self, x):
+        """View flattened images (N, H * W) as (N, H, W)."""
+        return x.reshape(x.shape[0], *self.image_shape)
+
+    def encode(self, x, dtype=None):
+        """Mean and log-variance of q(z|x) for flattened images (N, H * W).
+
+        Parameters
+        ----------
+        x : torch.Tensor of shape (N, H * W)
+        dtype : torch.dtype, optional
+            Dtype of the outputs and of the elementwise maps that produce
+            them. Vectorised float32 transcendental functions may round the
+            last bit differently for elements in a vector body and in its
+            tail, i.e. depending on a row's position in the batch; float64
+            makes results independent of batch layout to far below float32
+            resolution.
+        """
+        return self.encoder(
+            self.images(x)[:, None].to(self.encoder.fc[0].weight.dtype), dtype=dtype
+        )
+
+    def decode(self, z, dtype=None):
+        """Decoder distribution p(x|z) over images (N, H, W).
+
+        Parameters
+        ----------
+        z : torch.Tensor of shape (N, n_components)
+        dtype : torch.dtype, optional
+            Dtype of the distribution's parameters (see :meth:`encode`).
+        """
+        return self.decoder(z, dtype=dtype)
+
+    def forward(self, x):
+        """Encode, draw one reparameterised z, decode.
+
+        Returns
+        -------
+        mu, logvar : torch.Tensor of shape (N, n_components)
+            Parameters of q(z|x).
+        px : BandedPrecisionNormal
+            p(x|z) at the drawn z.
+        """
+        mu, logvar = self.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return mu, logvar, self.decode(z)

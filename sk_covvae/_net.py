@@ -1,0 +1,125 @@
+r"""The training objective and the skorch net that minimises it.
+
+For an image ``x`` with posterior :math:`q(z|x) = N(\mu, \mathrm{diag}\,
+\sigma^2)`, prior :math:`p(z) = N(0, I)` and decoder :math:`p(x|z)`:
+
+.. math::
+
+    \mathrm{ELBO}(x) = E_{q(z|x)}[\log p(x|z)] - \mathrm{KL}(q(z|x)\,\|\,p(z))
+    \le \log p(x),
+
+    \mathrm{KL} = \tfrac12 \sum_k (\mu_k^2 + \sigma_k^2 - 1 - \log\sigma_k^2),
+
+and the importance-weighted bound with ``k`` particles
+:math:`z_j \sim q(z|x)` (Burda et al., 2016),
+
+.. math::
+
+    \log \frac1k \sum_{j=1}^k \frac{p(x|z_j)\,p(z_j)}{q(z_j|x)}
+    \le \log p(x),
+
+which equals the ELBO in expectation for ``k = 1`` and tightens as ``k``
+grows. Training minimises the negative ELBO with one reparameterised ``z``
+per image, averaged over the mini-batch.
+"""
+
+import math
+
+import torch
+from skorch import NeuralNet
+from skorch.utils import to_tensor
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over the last dimension."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def negative_elbo(mu, logvar, px, x) -> torch.Tensor:
+    """Per-image negative ELBO, -log p(x|z) + KL, with z already drawn in ``px``.
+
+    Parameters
+    ----------
+    mu, logvar : torch.Tensor of shape (N, K)
+        Parameters of q(z|x).
+    px : BandedPrecisionNormal
+        Decoder distribution at one z drawn from q(z|x), batch (N,).
+    x : torch.Tensor of shape (N, H, W)
+
+    Returns
+    -------
+    torch.Tensor of shape (N,)
+    """
+    return -px.log_prob(x) + gaussian_kl(mu, logvar)
+
+
+def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
+
+
+def log_likelihood_bound(module, x_flat, eps, dtype=torch.float64):
+    """Per-image lower bound on log p(x) with fixed noise ``eps``.
+
+    Parameters
+    ----------
+    module : VAEModule
+    x_flat : torch.Tensor of shape (N, D)
+    eps : torch.Tensor of shape (k, K)
+        Standard normal draws shared by every image: ``z_j = mu + sigma *
+        eps_j``. Sharing them (common random numbers) makes the result of an
+        image independent of the batch it comes in.
+
+    dtype : torch.dtype, default=torch.float64
+        Dtype of the elementwise maps and sums after the network layers
+        (see ``VAEModule.encode``).
+
+    Returns
+    -------
+    torch.Tensor of shape (N,)
+        The ELBO with analytic KL for ``k = 1``; the importance-weighted
+        bound for ``k > 1``.
+    """
+    mu, logvar = module.encode(x_flat, dtype=dtype)
+    std = torch.exp(0.5 * logvar)
+    eps = eps.to(dtype)
+    x = module.images(x_flat).to(dtype)
+    k = eps.shape[0]
+    if k == 1:
+        px = module.decode(mu + std * eps[0], dtype=dtype)
+        return px.log_prob(x) - gaussian_kl(mu, logvar)
+    log_w = []
+    for j in range(k):
+        z = mu + std * eps[j]
+        px = module.decode(z, dtype=dtype)
+        log_q = _standard_normal_log_prob(eps[j].expand_as(mu)) - 0.5 * logvar.sum(-1)
+        log_w.append(px.log_prob(x) + _standard_normal_log_prob(z) - log_q)
+    return torch.logsumexp(torch.stack(log_w), dim=0) - math.log(k)
+
+
+class NegativeELBO(torch.nn.Module):
+    """Criterion: mean negative ELBO of a batch of module outputs."""
+
+    def forward(self, mu, logvar, px, x):
+        return negative_elbo(mu, logvar, px, x).mean()
+
+
+class VAENet(NeuralNet):
+    """skorch net whose loss is the negative ELBO of its VAE module.
+
+    The module returns ``(mu, logvar, px)``; the target is ignored and the
+    reconstruction term compares ``px`` with the input batch itself, as in
+    :meth:`skorch.probabilistic.GPBase.get_loss`.
+    """
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        mu, logvar, px = y_pred
+        x = to_tensor(X, device=self.device).reshape(px.loc.shape)
+        loss = self.criterion_(mu, logvar, px, x)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The negative ELBO became non-finite ({loss.item()}) "
+                f"in epoch {len(self.history)}."
+            )
+        return loss
