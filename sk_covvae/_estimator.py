@@ -21,7 +21,7 @@ from skorch.dataset import ValidSplit
 from sk_covvae._modules import VAEModule
 from sk_covvae._net import NegativeELBO, VAENet, log_likelihood_bound
 
-__all__ = ["CovarianceVAE", "ImageShapeWarning"]
+__all__ = ["CovarianceVAE", "ImageShapeWarning", "TrainingInterruptedWarning"]
 
 # Off-diagonal mass of each row of L^T relative to its diagonal; see
 # sk_covvae.distributions.constrain_banded_parameters.
@@ -34,6 +34,40 @@ _SCORE_SEED = 0
 
 class ImageShapeWarning(UserWarning):
     """Warned when ``image_shape=None`` and the pixels cannot form a square."""
+
+
+class TrainingInterruptedWarning(UserWarning):
+    """Warned when training is interrupted (Ctrl-C) before it finished."""
+
+
+def _global_standardization(X):
+    """Offset and scale mapping X to zero mean and unit variance overall."""
+    offset = float(np.mean(X, dtype=np.float64))
+    scale = float(np.std(X, dtype=np.float64))
+    if not (np.isfinite(offset) and np.isfinite(scale)):
+        raise ValueError(
+            "The mean or standard deviation of X overflows float64; rescale X."
+        )
+    return offset, (scale if scale > 0 else 1.0)
+
+
+def _to_tensor(X_standardized):
+    Xt = torch.as_tensor(np.asarray(X_standardized), dtype=torch.float32)
+    if not torch.isfinite(Xt).all():
+        raise ValueError(
+            "X holds values too far from the training data to represent in "
+            "float32 after standardization (|X - offset_| / scale_ > 3.4e38)."
+        )
+    return Xt
+
+
+def _restore_best_weights(net):
+    """Load the early-stopping callback's best weights; return their epoch."""
+    stopper = dict(getattr(net, "callbacks_", [])).get("early_stopping")
+    if stopper is None or getattr(stopper, "best_model_weights_", None) is None:
+        return None
+    net.module_.load_state_dict(stopper.best_model_weights_)
+    return stopper.best_epoch_
 
 
 def _resolve_device(device):
@@ -111,6 +145,11 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     n_score_particles : int, default=1
         Particles ``k`` used by :meth:`score_samples`: 1 gives the ELBO, more
         give the tighter importance-weighted bound (``k`` times the cost).
+    warm_start : bool, default=False
+        If True and the estimator is fitted, ``fit`` continues training the
+        current weights for ``max_epochs`` more epochs (keeping the
+        architecture and the data scaling of the first fit) instead of
+        starting afresh. Use it to resume after an interruption.
     device : str, default='auto'
         Torch device for training and inference; ``'auto'`` uses CUDA when
         available. Requesting CUDA where it is absent raises ``ValueError``.
@@ -187,6 +226,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         "min_scale": [Interval(Real, 0, None, closed="neither")],
         "max_scale": [Interval(Real, 0, None, closed="neither")],
         "n_score_particles": [Interval(Integral, 1, None, closed="left")],
+        "warm_start": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -208,6 +248,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         min_scale=1e-3,
         max_scale=10.0,
         n_score_particles=1,
+        warm_start=False,
         device="auto",
         random_state=None,
         verbose=0,
@@ -225,6 +266,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self.min_scale = min_scale
         self.max_scale = max_scale
         self.n_score_particles = n_score_particles
+        self.warm_start = warm_start
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -292,8 +334,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         )
 
     def _standardize(self, X):
-        Xt = (np.asarray(X, dtype=np.float64) - self.offset_) / self.scale_
-        return torch.as_tensor(Xt, dtype=torch.float32)
+        return _to_tensor(
+            (np.asarray(X, dtype=np.float64) - self.offset_) / self.scale_
+        )
 
     # --------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -313,7 +356,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self : CovarianceVAE
             The fitted estimator.
         """
-        X = self._validate_X(X, reset=True)
+        warm = self.warm_start and hasattr(self, "net_")
+        X = self._validate_X(X, reset=not warm)
         image_shape = self._check_params(X.shape[1])
         device = _resolve_device(self.device)
         n_samples = X.shape[0]
@@ -329,24 +373,49 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
 
-        offset = float(np.mean(X, dtype=np.float64))
-        scale = float(np.std(X, dtype=np.float64))
-        if not np.isfinite(offset) or not np.isfinite(scale):
-            raise ValueError(
-                "The mean or standard deviation of X overflows float64; rescale X."
-            )
-        scale = scale if scale > 0 else 1.0
+        if warm:
+            if image_shape != self.image_shape_:
+                raise ValueError(
+                    f"warm_start=True needs the image shape of the first fit, "
+                    f"{self.image_shape_}; got {image_shape}."
+                )
+            net, offset, scale = self.net_, self.offset_, self.scale_
+            net.set_params(max_epochs=self.max_epochs, verbose=self.verbose)
+            n_before = len(net.history)
+        else:
+            offset, scale = _global_standardization(X)
+            net = self._build_net(image_shape, device, seed)
+            n_before = 0
+        Xt = _to_tensor((X - offset) / scale)
 
+        try:
+            stopped_by = self._train(net, Xt, device, seed, initialize=not warm)
+        except FloatingPointError:
+            # The best weights so far are restored: keep a usable estimator.
+            self._set_fitted(net, image_shape, offset, scale, device)
+            raise
+        self._set_fitted(net, image_shape, offset, scale, device)
+        self._report_stop(stopped_by, n_before)
+        return self
+
+    def _set_fitted(self, net, image_shape, offset, scale, device):
+        self.net_ = net
+        self.image_shape_ = image_shape
+        self.offset_ = offset
+        self.scale_ = scale
+        self.n_epochs_ = len(net.history)
+        self.device_ = device
+
+    def _build_net(self, image_shape, device, seed):
         callbacks = []
         if self.validation_fraction is not None:
+            patience = self.patience if self.patience is not None else math.inf
             callbacks.append(
                 (
                     "early_stopping",
                     EarlyStopping(
                         monitor="valid_loss",
-                        patience=self.patience
-                        if self.patience is not None
-                        else self.max_epochs + 1,
+                        patience=patience,
                         # Losses in nats can be negative: compare absolutely.
                         threshold=0.0,
                         threshold_mode="abs",
@@ -354,7 +423,12 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                     ),
                 )
             )
-        net = VAENet(
+        train_split = None
+        if self.validation_fraction is not None:
+            train_split = ValidSplit(
+                self.validation_fraction, stratified=False, random_state=seed
+            )
+        return VAENet(
             module=VAEModule,
             module__image_shape=image_shape,
             module__n_components=self.n_components,
@@ -372,30 +446,69 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             max_epochs=self.max_epochs,
             batch_size=self.batch_size,
             iterator_train__shuffle=True,
-            train_split=(
-                None
-                if self.validation_fraction is None
-                else ValidSplit(
-                    self.validation_fraction, stratified=False, random_state=seed
-                )
-            ),
+            train_split=train_split,
             callbacks=callbacks,
             device=device,
             verbose=self.verbose,
         )
-        Xt = torch.as_tensor((X - offset) / scale, dtype=torch.float32)
+
+    def _train(self, net, Xt, device, seed, initialize):
+        """Run skorch's training loop; return why it ended.
+
+        skorch ends the loop on the ``KeyboardInterrupt`` that both Ctrl-C and
+        early stopping raise, then restores the best epoch's weights
+        (``on_train_end``). A non-finite loss raises ``FloatingPointError``
+        from ``VAENet.get_loss``; the best weights so far are restored here
+        before the error propagates.
+
+        Returns
+        -------
+        {'max_epochs', 'early_stopping', 'interrupted'}
+        """
         devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+        n_before = len(net.history) if not initialize else 0
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            net.fit(Xt, None)
+            try:
+                if initialize:
+                    net.fit(Xt, None)
+                else:
+                    net.partial_fit(Xt, None)
+            except FloatingPointError as exc:
+                restored = _restore_best_weights(net)
+                raise FloatingPointError(
+                    f"{exc} Training stopped; the estimator keeps "
+                    + (
+                        f"the weights of epoch {restored}, the best so far."
+                        if restored
+                        else "the weights before the failing step."
+                    )
+                    + " Lower lr, or check X for extreme values."
+                ) from exc
+        n_run = len(net.history) - n_before
+        stopper = dict(net.callbacks_).get("early_stopping")
+        if stopper is not None and stopper.misses_ >= stopper.patience:
+            return "early_stopping"
+        if n_run < net.max_epochs:
+            return "interrupted"
+        return "max_epochs"
 
-        self.net_ = net
-        self.image_shape_ = image_shape
-        self.offset_ = offset
-        self.scale_ = scale
-        self.n_epochs_ = len(net.history)
-        self.device_ = device
-        return self
+    def _report_stop(self, stopped_by, n_before):
+        if stopped_by != "interrupted":
+            return
+        stopper = dict(self.net_.callbacks_).get("early_stopping")
+        best = (
+            f" the weights of epoch {stopper.best_epoch_}, the best on validation,"
+            if stopper is not None and stopper.best_epoch_
+            else " the last weights"
+        )
+        warnings.warn(
+            f"Training was interrupted after {self.n_epochs_ - n_before} of "
+            f"{self.max_epochs} epochs; the estimator is usable and holds"
+            f"{best}. Set warm_start=True and call fit again to continue.",
+            TrainingInterruptedWarning,
+            stacklevel=3,
+        )
 
     # --------------------------------------------------------------- inference
     def _batches(self, X):

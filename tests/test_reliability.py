@@ -1,0 +1,303 @@
+"""Bad input, numerical safety, persistence, interruption and warm starts."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.utils._param_validation import InvalidParameterError
+
+import sk_covvae._net as net_module
+from sk_covvae import CovarianceVAE
+from sk_covvae._estimator import ImageShapeWarning, TrainingInterruptedWarning
+from sk_covvae._net import VAENet
+from sk_covvae.distributions import covariance_eigenvalue_bounds
+
+FAST = dict(n_components=2, max_epochs=2, batch_size=16, random_state=0)
+
+
+def images(n=64, side=6, seed=0):
+    return np.random.RandomState(seed).normal(size=(n, side * side))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return CovarianceVAE(**FAST).fit(images())
+
+
+# ----------------------------------------------------------------- bad input
+X_NAN = images()
+X_NAN[3, 5] = np.nan
+X_INF = images()
+X_INF[0, 0] = np.inf
+
+BAD_FIT_INPUT = [
+    (X_NAN, ValueError, "Input X contains NaN"),
+    (X_INF, ValueError, "Input X contains infinity"),
+    (sp.csr_matrix(images()), TypeError, "Sparse data was passed"),
+    (images()[0], ValueError, "Expected 2D array, got 1D array"),
+    (images().reshape(64, 6, 6), ValueError, "Found array with dim 3"),
+    (np.empty((0, 36)), ValueError, "0 sample"),
+    (np.empty((5, 0)), ValueError, "0 feature"),
+    (images()[:1], ValueError, "1 sample"),
+    (np.array([["a", "b"], ["c", "d"]]), ValueError, "could not convert|dtype"),
+    (images().astype(complex), ValueError, "Complex data not supported"),
+]
+
+
+@pytest.mark.parametrize("X, error, match", BAD_FIT_INPUT)
+def test_bad_input_to_fit(X, error, match):
+    with pytest.raises(error, match=match):
+        CovarianceVAE(**FAST).fit(X)
+
+
+@pytest.mark.parametrize("method", ["transform", "score_samples", "score"])
+@pytest.mark.parametrize(
+    "X, match",
+    [
+        (X_NAN, "Input X contains NaN"),
+        (X_INF, "Input X contains infinity"),
+        (images()[:, :25], "X has 25 features, but CovarianceVAE is expecting 36"),
+        (images()[0], "Expected 2D array"),
+    ],
+)
+def test_bad_input_after_fit(fitted, method, X, match):
+    with pytest.raises(ValueError, match=match):
+        getattr(fitted, method)(X)
+
+
+def test_out_of_range_input_after_fit(fitted):
+    with pytest.raises(ValueError, match="float32 after standardization"):
+        fitted.transform(np.full((2, 36), 1e300))
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"covariance": "full"}, "covariance"),
+        ({"n_components": 0}, "n_components"),
+        ({"n_components": 2.5}, "n_components"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -1e-3}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"patience": 0}, "patience"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"min_scale": 0.0}, "min_scale"),
+        ({"image_shape": "6x6"}, "image_shape"),
+        ({"random_state": "seed"}, "random_state"),
+        ({"warm_start": "yes"}, "warm_start"),
+    ],
+)
+def test_invalid_parameters_are_named(params, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        CovarianceVAE(**{**FAST, **params}).fit(images())
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"image_shape": (0, 36)}, "two positive integers"),
+        ({"image_shape": (6.0, 6.0)}, "two positive integers"),
+        ({"image_shape": (1, 2, 18)}, "two positive integers"),
+        ({"image_shape": (5, 5)}, "holds 25 pixels but X has 36 features"),
+        ({"min_scale": 1.0, "max_scale": 0.5}, "min_scale=1.0 must be smaller"),
+        ({"validation_fraction": None}, "Early stopping needs a validation set"),
+        ({"channels": (4,)}, "channels must be two positive integers"),
+        ({"device": "gpu0"}, "not a valid torch device"),
+    ],
+)
+def test_inconsistent_parameters_are_clear_errors(params, match):
+    with pytest.raises(ValueError, match=match):
+        CovarianceVAE(**{**FAST, **params}).fit(images())
+
+
+def test_too_few_samples_for_the_validation_split():
+    with pytest.raises(ValueError, match="too few to hold out"):
+        CovarianceVAE(**FAST, validation_fraction=0.6).fit(images(n=2))
+    # Without a validation split two samples are enough.
+    CovarianceVAE(**FAST, validation_fraction=None, patience=None).fit(images(n=2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        CovarianceVAE(**{**FAST, "device": "cuda:0"}).fit(images())
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_sample_needs_a_positive_integer(fitted, n):
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        fitted.sample(n_samples=n)
+
+
+def test_inverse_transform_checks_its_input(fitted):
+    with pytest.raises(ValueError, match="n_components=2"):
+        fitted.inverse_transform(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        fitted.inverse_transform(np.full((3, 2), np.nan))
+
+
+def test_unfitted_estimator_says_so():
+    from sklearn.exceptions import NotFittedError
+
+    for method in ("transform", "score_samples", "inverse_transform"):
+        with pytest.raises(NotFittedError):
+            getattr(CovarianceVAE(), method)(images())
+    with pytest.raises(NotFittedError):
+        CovarianceVAE().sample()
+
+
+def test_uint8_input_is_converted_without_rescaling():
+    X8 = np.random.RandomState(0).randint(0, 256, size=(64, 36)).astype(np.uint8)
+    a = CovarianceVAE(**FAST).fit(X8)
+    b = CovarianceVAE(**FAST).fit(X8.astype(np.float64))
+    assert a.offset_ == pytest.approx(X8.mean())
+    np.testing.assert_array_equal(a.transform(X8), b.transform(X8.astype(float)))
+
+
+# --------------------------------------------------------- numerical safety
+def _adversarial(kind):
+    rng = np.random.RandomState(0)
+    n, side = 64, 6
+    if kind == "constant":
+        return np.full((n, side * side), 3.0)
+    if kind == "zeros":
+        return np.zeros((n, side * side))
+    if kind == "dynamic_range":  # faint noise and saturated bright sources
+        X = rng.normal(size=(n, side * side))
+        X[::4, 14] = 1e5
+        return X
+    if kind == "spikes":
+        X = np.zeros((n, side * side))
+        X[np.arange(n), rng.randint(0, side * side, n)] = 1.0
+        return X
+    if kind == "float32_huge":
+        return rng.normal(size=(n, side * side)).astype(np.float32) * 1e37
+    if kind == "float32_tiny":
+        return rng.normal(size=(n, side * side)).astype(np.float32) * 1e-37
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["constant", "zeros", "dynamic_range", "spikes", "float32_huge", "float32_tiny"],
+)
+@pytest.mark.parametrize("covariance", ["banded", "diagonal", "spherical"])
+def test_adversarial_images_fit_without_nan(kind, covariance):
+    X = _adversarial(kind)
+    vae = CovarianceVAE(**{**FAST, "covariance": covariance, "max_epochs": 3}).fit(X)
+    assert np.isfinite(vae.net_.history[:, "train_loss"]).all()
+    assert np.isfinite(vae.transform(X)).all()
+    assert np.isfinite(vae.score_samples(X)).all()
+    assert np.isfinite(vae.inverse_transform(vae.transform(X))).all()
+    assert np.isfinite(vae.sample(16, random_state=0)).all()
+
+
+@pytest.mark.parametrize("covariance", ["banded", "diagonal", "spherical"])
+def test_decoder_covariance_stays_inside_the_stated_bound(covariance):
+    vae = CovarianceVAE(**{**FAST, "covariance": covariance}).fit(images())
+    module = vae.net_.module_
+    # Latent codes far outside the prior push the heads to extreme outputs.
+    z = torch.cat([torch.zeros(1, 2), 1e4 * torch.randn(7, 2)])
+    with torch.no_grad():
+        px = module.decode(z, dtype=torch.float64)
+        eig = torch.linalg.eigvalsh(px.covariance_matrix)
+    low, high = covariance_eigenvalue_bounds((-np.log(10.0), -np.log(1e-3)), 0.9)
+    assert torch.isfinite(eig).all()
+    assert eig.min() >= low * (1 - 1e-9) and eig.max() <= high * (1 + 1e-9)
+
+
+def test_non_finite_loss_stops_training_and_keeps_best_weights(monkeypatch):
+    calls = {"n": 0}
+    original = net_module.negative_elbo
+
+    def failing(mu, logvar, px, x):
+        calls["n"] += 1
+        loss = original(mu, logvar, px, x)
+        return loss * np.nan if calls["n"] > 12 else loss
+
+    monkeypatch.setattr(net_module, "negative_elbo", failing)
+    vae = CovarianceVAE(**{**FAST, "max_epochs": 50})
+    X = images()
+    with pytest.raises(FloatingPointError, match="non-finite.*best so far"):
+        vae.fit(X)
+    monkeypatch.setattr(net_module, "negative_elbo", original)
+    # The estimator is usable, with finite weights from a good epoch.
+    assert np.isfinite(vae.transform(X)).all()
+    assert np.isfinite(vae.score_samples(X)).all()
+    for p in vae.net_.module_.parameters():
+        assert torch.isfinite(p).all()
+
+
+# --------------------------------------------------------------- persistence
+def test_model_fitted_on_cuda_loads_on_cpu(fitted):
+    # Emulate a CUDA-fitted pickle: skorch records the device and maps the
+    # tensors to the CPU on loading where CUDA is absent.
+    if torch.cuda.is_available():
+        pytest.skip("emulation only meaningful without CUDA")
+    X = images()
+    state = pickle.dumps(fitted)
+    clone_ = pickle.loads(state)
+    clone_.net_.device = "cuda"
+    clone_.device_ = "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skorch's DeviceWarning
+        restored = pickle.loads(pickle.dumps(clone_))
+    assert str(restored.net_.device) == "cpu"
+    np.testing.assert_array_equal(restored.transform(X), fitted.transform(X))
+    np.testing.assert_array_equal(restored.score_samples(X), fitted.score_samples(X))
+
+
+def test_score_samples_is_the_same_on_every_call(fitted):
+    X = images()
+    first = fitted.score_samples(X)
+    for _ in range(3):
+        np.testing.assert_array_equal(fitted.score_samples(X), first)
+
+
+# ----------------------------------------------- interruption and warm start
+def test_keyboard_interrupt_keeps_a_usable_estimator(monkeypatch):
+    def interrupt_in_epoch_4(self, net, **kwargs):
+        if len(net.history) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(VAENet, "on_epoch_end", interrupt_in_epoch_4, raising=False)
+    X = images()
+    vae = CovarianceVAE(**{**FAST, "max_epochs": 20})
+    with pytest.warns(TrainingInterruptedWarning, match="interrupted after 4 of 20"):
+        vae.fit(X)
+    assert vae.n_epochs_ == 4
+    assert np.isfinite(vae.transform(X)).all()
+    stopper = dict(vae.net_.callbacks_)["early_stopping"]
+    state = vae.net_.module_.state_dict()
+    for name, saved in stopper.best_model_weights_.items():
+        torch.testing.assert_close(state[name], saved, rtol=0, atol=0)
+
+    monkeypatch.undo()
+    vae.set_params(warm_start=True, max_epochs=3, patience=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingInterruptedWarning)
+        vae.fit(X)
+    assert vae.n_epochs_ == 7
+
+
+def test_warm_start_continues_instead_of_restarting():
+    X = images()
+    cold = CovarianceVAE(**{**FAST, "max_epochs": 3}).fit(X)
+    warm = CovarianceVAE(**{**FAST, "max_epochs": 3, "warm_start": True}).fit(X)
+    np.testing.assert_array_equal(warm.transform(X), cold.transform(X))
+    module = warm.net_.module_
+    warm.fit(X)
+    assert warm.net_.module_ is module
+    assert warm.n_epochs_ == 6
+    assert not np.array_equal(warm.transform(X), cold.transform(X))
+    with pytest.raises(ValueError, match="X has 16 features"):
+        warm.fit(images(side=4))
+
+
+def test_non_square_warning_names_the_fix():
+    with pytest.warns(ImageShapeWarning, match="Pass image_shape"):
+        CovarianceVAE(**FAST).fit(np.random.RandomState(0).normal(size=(20, 7)))
