@@ -19,7 +19,12 @@ from skorch.callbacks import EarlyStopping
 from skorch.dataset import ValidSplit
 
 from sk_covvae._modules import VAEModule
-from sk_covvae._net import NegativeELBO, VAENet, log_likelihood_bound
+from sk_covvae._net import (
+    NegativeELBO,
+    VAENet,
+    expected_log_likelihood,
+    log_likelihood_bound,
+)
 
 __all__ = ["CovarianceVAE", "ImageShapeWarning", "TrainingInterruptedWarning"]
 
@@ -595,10 +600,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         check_is_fitted(self)
         X = self._validate_X(X, reset=False)
         module = self._module()
-        generator = torch.Generator().manual_seed(_SCORE_SEED)
-        eps = torch.randn(
-            self.n_score_particles, self._n_latent, generator=generator
-        ).to(self.net_.device)
+        eps = self._fixed_noise(self.n_score_particles)
         with torch.inference_mode():
             scores = [
                 log_likelihood_bound(module, xb, eps).double().cpu()
@@ -606,6 +608,44 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             ]
         jacobian = self.n_features_in_ * math.log(self.scale_)
         return torch.cat(scores).numpy() - jacobian
+
+    def _fixed_noise(self, n_particles):
+        generator = torch.Generator().manual_seed(_SCORE_SEED)
+        return torch.randn(n_particles, self._n_latent, generator=generator).to(
+            self.net_.device
+        )
+
+    def reconstruction_log_likelihood(self, X, n_particles=1):
+        """Estimate of E_q(z|x)[log p(x|z)] for each sample, in nats.
+
+        The reconstruction term of the ELBO (its negative is the metric of
+        Dorta et al., 2018), in the units of ``X``, with the same fixed noise
+        as :meth:`score_samples`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        n_particles : int, default=1
+            Draws of z per sample.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False)
+        if not isinstance(n_particles, Integral) or n_particles < 1:
+            raise ValueError(
+                f"n_particles must be a positive integer, got {n_particles!r}."
+            )
+        module = self._module()
+        eps = self._fixed_noise(n_particles)
+        with torch.inference_mode():
+            values = [
+                expected_log_likelihood(module, xb, eps).double().cpu()
+                for xb in self._batches(X)
+            ]
+        return torch.cat(values).numpy() - self.n_features_in_ * math.log(self.scale_)
 
     def score(self, X, y=None):
         """Mean of :meth:`score_samples`, a lower bound on the mean log-likelihood.

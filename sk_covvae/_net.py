@@ -98,6 +98,27 @@ def log_likelihood_bound(module, x_flat, eps, dtype=torch.float64):
     return torch.logsumexp(torch.stack(log_w), dim=0) - math.log(k)
 
 
+def expected_log_likelihood(module, x_flat, eps, dtype=torch.float64):
+    """Per-image estimate of E_q(z|x)[log p(x|z)], the reconstruction term.
+
+    The mean of ``log p(x|z_j)`` over ``z_j = mu + sigma * eps_j``; minus this
+    is the metric of Dorta et al. (2018). Same arguments as
+    :func:`log_likelihood_bound`.
+
+    Returns
+    -------
+    torch.Tensor of shape (N,)
+    """
+    mu, logvar = module.encode(x_flat, dtype=dtype)
+    std = torch.exp(0.5 * logvar)
+    x = module.images(x_flat).to(dtype)
+    eps = eps.to(dtype)
+    total = 0.0
+    for j in range(eps.shape[0]):
+        total = total + module.decode(mu + std * eps[j], dtype=dtype).log_prob(x)
+    return total / eps.shape[0]
+
+
 class NegativeELBO(torch.nn.Module):
     """Criterion: mean negative ELBO of a batch of module outputs."""
 

@@ -123,6 +123,18 @@ def test_score_samples_is_the_elbo(fitted, data):
     np.testing.assert_allclose(fitted.score_samples(X), expected, rtol=1e-10)
 
 
+def test_reconstruction_term_exceeds_elbo_by_the_kl(fitted, data):
+    X, _ = data
+    gap = fitted.reconstruction_log_likelihood(X) - fitted.score_samples(X)
+    module = fitted.net_.module_
+    x = torch.as_tensor((X - fitted.offset_) / fitted.scale_, dtype=torch.float32)
+    with torch.no_grad():
+        mu, logvar = module.encode(x, dtype=torch.float64)
+    kl = (0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)).numpy()
+    np.testing.assert_allclose(gap, kl, rtol=1e-9, atol=1e-9)
+    assert (kl >= 0).all()
+
+
 def test_importance_weighting_tightens_the_bound(fitted, data):
     X, _ = data
     elbo = fitted.score(X)
