@@ -6,8 +6,17 @@ correlation between neighbouring pixels through a banded Cholesky factor of
 its precision matrix.
 """
 
-from sk_covvae._estimator import CovarianceVAE
+from sk_covvae._estimator import (
+    CovarianceVAE,
+    ImageShapeWarning,
+    TrainingInterruptedWarning,
+)
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["CovarianceVAE", "__version__"]
+__all__ = [
+    "CovarianceVAE",
+    "ImageShapeWarning",
+    "TrainingInterruptedWarning",
+    "__version__",
+]
