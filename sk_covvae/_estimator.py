@@ -21,6 +21,7 @@ from skorch.dataset import ValidSplit
 from sk_covvae._modules import VAEModule
 from sk_covvae._net import (
     NegativeELBO,
+    SliceLoader,
     VAENet,
     expected_log_likelihood,
     log_likelihood_bound,
@@ -45,25 +46,58 @@ class TrainingInterruptedWarning(UserWarning):
     """Warned when training is interrupted (Ctrl-C) before it finished."""
 
 
+# The 1st-99th percentile range of a normal distribution, in standard
+# deviations: 2 * Phi^-1(0.99).
+_NORMAL_SPREAD_1_99 = 4.652695748
+
+
 def _global_standardization(X):
-    """Offset and scale mapping X to zero mean and unit variance overall."""
-    offset = float(np.mean(X, dtype=np.float64))
-    scale = float(np.std(X, dtype=np.float64))
+    """Robust global offset and scale of all pixels of X.
+
+    The offset is the median pixel value and the scale the 1st-99th
+    percentile range over 4.65, which equals the standard deviation for
+    normal data but ignores the rare extreme pixels (saturated stars, cosmic
+    rays) that would otherwise shrink every typical pixel towards 0. When that
+    range is 0 (images that are mostly constant) the standard deviation is
+    used, and 1 when that is 0 too.
+    """
+    values = np.asarray(X, dtype=np.float64).ravel()
+    low, offset, high = np.quantile(values, [0.01, 0.5, 0.99])
+    scale = (high - low) / _NORMAL_SPREAD_1_99
+    if not scale > 0:
+        scale = np.std(values)
     if not (np.isfinite(offset) and np.isfinite(scale)):
-        raise ValueError(
-            "The mean or standard deviation of X overflows float64; rescale X."
-        )
-    return offset, (scale if scale > 0 else 1.0)
+        raise ValueError("The spread of the values in X overflows float64; rescale X.")
+    return float(offset), float(scale) if scale > 0 else 1.0
 
 
-def _to_tensor(X_standardized):
-    Xt = torch.as_tensor(np.asarray(X_standardized), dtype=torch.float32)
-    if not torch.isfinite(Xt).all():
-        raise ValueError(
-            "X holds values too far from the training data to represent in "
-            "float32 after standardization (|X - offset_| / scale_ > 3.4e38)."
-        )
-    return Xt
+def _standardized_chunks(X, offset, scale, chunk=_INFERENCE_BATCH):
+    """Yield float32 tensors of ``(X - offset) / scale``, ``chunk`` rows at a time.
+
+    Computed in float64 then rounded, one chunk at a time so that no
+    float64 copy of all of ``X`` is made.
+    """
+    for start in range(0, X.shape[0], chunk):
+        block = (
+            np.asarray(X[start : start + chunk], dtype=np.float64) - offset
+        ) / scale
+        block = torch.from_numpy(block.astype(np.float32))
+        if not torch.isfinite(block).all():
+            raise ValueError(
+                "X holds values too far from the training data to represent in "
+                "float32 after standardization (|X - offset_| / scale_ > 3.4e38)."
+            )
+        yield block
+
+
+def _standardized_tensor(X, offset, scale):
+    """All of ``(X - offset) / scale`` as one float32 tensor."""
+    out = torch.empty(X.shape, dtype=torch.float32)
+    start = 0
+    for block in _standardized_chunks(X, offset, scale):
+        out[start : start + len(block)] = block
+        start += len(block)
+    return out
 
 
 def _restore_best_weights(net):
@@ -107,9 +141,11 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     prior :math:`N(0, I)`. Training minimises the negative ELBO with Adam,
     through skorch, stopping early on a held-out validation fraction.
 
-    Data are standardized internally by one global offset and scale (the mean
-    and standard deviation of all training pixels); every output is in the
-    units of ``X`` and log-densities include the Jacobian of that map.
+    Data are standardized internally by one global offset and scale, robust
+    to rare extreme pixels: the median of all training pixels and their
+    1st-99th percentile range over 4.65 (the standard deviation for normal
+    data). Every output is in the units of ``X`` and log-densities include
+    the Jacobian of that map.
 
     Parameters
     ----------
@@ -142,10 +178,10 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Width of the hidden fully connected layers.
     min_scale, max_scale : float, default=1e-3, 10.0
         Bounds on the decoder's per-pixel scale ``1 / L_ii``, in units of the
-        data's global standard deviation. With the coupling bound
+        data's global scale ``scale_``. With the coupling bound
         ``|right_i| + |down_i| <= 0.9 L_ii``, every eigenvalue of the
         decoder's covariance lies in ``[min_scale**2 / 1.9**2,
-        max_scale**2 / 0.1**2]`` (times the data variance); ``min_scale`` is
+        max_scale**2 / 0.1**2]`` (times ``scale_**2``); ``min_scale`` is
         also the floor that keeps the density of constant pixels finite.
     n_score_particles : int, default=1
         Particles ``k`` used by :meth:`score_samples`: 1 gives the ELBO, more
@@ -174,7 +210,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Shape of the images.
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when ``X`` has string column names.
     offset_, scale_ : float
         Global standardization: the model sees ``(X - offset_) / scale_``.
@@ -338,11 +374,6 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             ensure_min_samples=2 if reset else 1,
         )
 
-    def _standardize(self, X):
-        return _to_tensor(
-            (np.asarray(X, dtype=np.float64) - self.offset_) / self.scale_
-        )
-
     # --------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -391,7 +422,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             offset, scale = _global_standardization(X)
             net = self._build_net(image_shape, device, seed)
             n_before = 0
-        Xt = _to_tensor((X - offset) / scale)
+        Xt = _standardized_tensor(X, offset, scale)
 
         try:
             stopped_by = self._train(net, Xt, device, seed, initialize=not warm)
@@ -450,6 +481,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             lr=self.lr,
             max_epochs=self.max_epochs,
             batch_size=self.batch_size,
+            iterator_train=SliceLoader,
+            iterator_valid=SliceLoader,
             iterator_train__shuffle=True,
             train_split=train_split,
             callbacks=callbacks,
@@ -517,9 +550,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     # --------------------------------------------------------------- inference
     def _batches(self, X):
-        Xt = self._standardize(X)
-        for start in range(0, Xt.shape[0], _INFERENCE_BATCH):
-            yield Xt[start : start + _INFERENCE_BATCH].to(self.net_.device)
+        for block in _standardized_chunks(X, self.offset_, self.scale_):
+            yield block.to(self.net_.device)
 
     def _module(self):
         module = self.net_.module_
@@ -556,7 +588,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
         Returns
         -------
-        X_original : ndarray of shape (n_samples, n_features_in_)
+        X_original : ndarray of shape (n_samples, `n_features_in_`)
         """
         check_is_fitted(self)
         Z = check_array(X, dtype=[np.float64, np.float32])
@@ -677,7 +709,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
         Returns
         -------
-        X : ndarray of shape (n_samples, n_features_in_)
+        X : ndarray of shape (n_samples, `n_features_in_`)
         """
         check_is_fitted(self)
         if (

@@ -191,13 +191,15 @@ class Decoder(nn.Module):
                 log_diag_bounds=self.log_diag_bounds,
                 rho=self.rho,
             )
-            return SphericalPrecisionNormal(loc, log_diag.expand(loc.shape[0]))
+            return SphericalPrecisionNormal(
+                loc, log_diag.expand(loc.shape[0]), validate_args=False
+            )
         raw = self.covariance_head(h).to(dtype)
         if self.covariance == "diagonal":
             log_diag, _, _ = constrain_banded_parameters(
                 raw[:, 0], log_diag_bounds=self.log_diag_bounds, rho=self.rho
             )
-            return DiagonalPrecisionNormal(loc, log_diag)
+            return DiagonalPrecisionNormal(loc, log_diag, validate_args=False)
         log_diag, right, down = constrain_banded_parameters(
             raw[:, 0],
             raw[:, 1],
@@ -205,7 +207,7 @@ class Decoder(nn.Module):
             log_diag_bounds=self.log_diag_bounds,
             rho=self.rho,
         )
-        return BandedPrecisionNormal(loc, log_diag, right, down)
+        return BandedPrecisionNormal(loc, log_diag, right, down, validate_args=False)
 
 
 class VAEModule(nn.Module):

@@ -28,6 +28,7 @@ import math
 import torch
 from skorch import NeuralNet
 from skorch.utils import to_tensor
+from torch.utils.data import Subset
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -117,6 +118,53 @@ def expected_log_likelihood(module, x_flat, eps, dtype=torch.float64):
     for j in range(eps.shape[0]):
         total = total + module.decode(mu + std * eps[j], dtype=dtype).log_prob(x)
     return total / eps.shape[0]
+
+
+class SliceLoader:
+    """Mini-batches by indexing the data tensor, for skorch's ``iterator_*``.
+
+    skorch's default ``DataLoader`` fetches and collates one row at a time;
+    images are rows of one tensor, so a batch is a single indexing operation.
+    Accepts the skorch ``Dataset`` holding that tensor, or a ``Subset`` of it
+    (what skorch's ``ValidSplit`` returns). Shuffling draws from torch's
+    global generator, which ``CovarianceVAE.fit`` seeds.
+
+    Parameters
+    ----------
+    dataset : skorch.dataset.Dataset or torch.utils.data.Subset
+    batch_size : int
+    shuffle : bool, default=False
+    """
+
+    def __init__(self, dataset, batch_size, shuffle=False):
+        indices = None
+        if isinstance(dataset, Subset):
+            indices = torch.as_tensor(dataset.indices, dtype=torch.long)
+            dataset = dataset.dataset
+        X = getattr(dataset, "X", None)
+        if not isinstance(X, torch.Tensor):
+            raise TypeError("SliceLoader needs a dataset holding one tensor X.")
+        self.X = X
+        self.indices = indices
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+
+    def __len__(self):
+        n = len(self.X) if self.indices is None else len(self.indices)
+        return math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.X) if self.indices is None else len(self.indices)
+        order = torch.randperm(n) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            if order is None and self.indices is None:
+                yield self.X[start:stop], None
+                continue
+            rows = order[start:stop] if order is not None else slice(start, stop)
+            if self.indices is not None:
+                rows = self.indices[rows]
+            yield self.X[rows], None
 
 
 class NegativeELBO(torch.nn.Module):

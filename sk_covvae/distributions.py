@@ -34,6 +34,7 @@ unconstrained network outputs to parameters whose covariance is well
 conditioned by construction (see its docstring for the eigenvalue bound).
 """
 
+import functools
 import math
 
 import torch
@@ -87,17 +88,24 @@ def _apply_factor_t(
     return log_diag.exp() * e + right * shifted_left + down * shifted_up
 
 
-def _antidiagonal_order(H: int, W: int, device) -> tuple[torch.Tensor, list[int]]:
-    """Raster indices of the pixels sorted by anti-diagonal, and the sizes.
+@functools.lru_cache(maxsize=64)
+def _antidiagonal_order(H: int, W: int, device: torch.device):
+    """Raster indices sorted by anti-diagonal, their inverse, sizes and starts.
 
     Anti-diagonal ``s`` holds the pixels ``(r, s - r)`` with ``r`` ascending.
+    Cached: the order depends on the image shape only.
     """
     rows = torch.arange(H, device=device)[:, None].expand(H, W)
     cols = torch.arange(W, device=device)[None, :].expand(H, W)
     key = (rows + cols) * H + rows  # sort by diagonal, then by row
     order = torch.argsort(key.reshape(-1))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(H * W, device=device)
     sizes = [min(s, H - 1) - max(0, s - W + 1) + 1 for s in range(H + W - 1)]
-    return order, sizes
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    return order, inverse, sizes, starts
 
 
 def _solve_factor_t(
@@ -116,7 +124,7 @@ def _solve_factor_t(
     """
     H, W = eps.shape[-2:]
     batch_shape = eps.shape[:-2]
-    order, sizes = _antidiagonal_order(H, W, eps.device)
+    order, inverse, sizes, starts = _antidiagonal_order(H, W, eps.device)
     inv_d = torch.exp(-log_diag)
 
     def by_diagonal(t):
@@ -125,10 +133,6 @@ def _solve_factor_t(
     a = by_diagonal(eps * inv_d)
     g_right = by_diagonal(right * inv_d)
     g_down = by_diagonal(down * inv_d)
-    starts = [0]
-    for n in sizes[:-1]:
-        starts.append(starts[-1] + n)
-
     pieces = [None] * len(sizes)
     previous = None  # diagonal s + 1, zero-padded at both ends
     for s in range(len(sizes) - 1, -1, -1):
@@ -145,8 +149,6 @@ def _solve_factor_t(
         pieces[s] = y
         previous = torch.nn.functional.pad(y, (1, 1))
     y = torch.cat(pieces, dim=-1)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(H * W, device=eps.device)
     return y[..., inverse].reshape(*batch_shape, H, W)
 
 
