@@ -73,11 +73,12 @@ print("epochs run:", pipe["vae"].n_epochs_)
 # %%
 # Compress the dynamic range first
 # --------------------------------
-# The VAE standardizes its input by one global mean and standard deviation.
-# Saturated stars and bad columns reach thousands of noise sigmas, so that
-# standard deviation is far above the noise of a typical stamp
-# (``scale_`` below). An ``arcsinh`` in front, linear near zero and
-# logarithmic for bright pixels, is a one-line fix in the pipeline.
+# The VAE standardizes its input by one robust global scale (``scale_``
+# below, close to the background noise of a stamp). Saturated stars and bad
+# columns still reach thousands of noise sigmas, and a Gaussian decoder
+# spends its capacity on those few pixels. An ``arcsinh`` in front, linear
+# near zero and logarithmic for bright pixels, compresses that range in one
+# line of the pipeline (densities are then those of the transformed data).
 print(f"scale_ on raw stamps: {pipe['vae'].scale_:.1f}")
 pipe_asinh = Pipeline(
     [
