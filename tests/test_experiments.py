@@ -1,0 +1,138 @@
+"""The comparison protocol: split, metrics, early stopping, the whole run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sk_covvae.experiments import (
+    COVARIANCES,
+    bits_per_dim,
+    dequantize,
+    fit_with_early_stopping,
+    load_dataset,
+    run_comparison,
+    stratified_split,
+    summarize,
+)
+
+TINY = {"channels": (2, 4), "hidden_units": 8, "batch_size": 32, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def stamps():
+    return load_dataset("stamps", n_samples=160, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def result(stamps):
+    return run_comparison(stamps, n_components=(2,), seeds=(0,), max_epochs=1, **TINY)
+
+
+@pytest.mark.parametrize("n, n_pos", [(100, 50), (1000, 100), (333, 111)])
+def test_split_is_stratified_with_the_right_proportions(n, n_pos):
+    y = np.zeros(n, dtype=int)
+    y[:n_pos] = 1
+    split = stratified_split(y, random_state=0)
+    parts = [split[k] for k in ("train", "validation", "test")]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+    for part, fraction in zip(parts, (0.6, 0.25, 0.15)):
+        assert abs(len(part) - fraction * n) <= 1
+        assert abs(y[part].mean() - n_pos / n) <= 1.5 / len(part)
+
+
+def test_split_depends_on_the_seed_only():
+    y = np.repeat([0, 1, 2], 40)
+    a, b = stratified_split(y, random_state=3), stratified_split(y, random_state=3)
+    c = stratified_split(y, random_state=4)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["test"], c["test"])
+
+
+def test_split_rejects_bad_fractions():
+    with pytest.raises(ValueError, match="summing to 1"):
+        stratified_split(np.zeros(10), fractions=(0.5, 0.5, 0.5))
+
+
+def test_unknown_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown dataset 'mnist'"):
+        load_dataset("mnist")
+
+
+def test_dequantize_stays_in_the_bin_of_each_level():
+    X = np.array([[0.0, 1.0, 128 / 255]])
+    Y = dequantize(np.repeat(X, 500, axis=0), random_state=0)
+    levels = np.rint(X * 255)
+    assert np.all(Y * 256 >= levels) and np.all(Y * 256 < levels + 1)
+    assert np.all((Y >= 0) & (Y < 1))
+
+
+def test_uniform_density_is_eight_bits_per_dim():
+    # The uniform density on [0, 1]^D has log p = 0: 8 bits per 8-bit pixel.
+    assert bits_per_dim(0.0, 784) == pytest.approx(8.0)
+    assert bits_per_dim(784 * math.log(2.0), 784) == pytest.approx(7.0)
+
+
+def test_early_stopping_restores_the_best_validation_epoch(stamps):
+    X = stamps["X"]
+    model, info = fit_with_early_stopping(
+        X[:100],
+        X[100:140],
+        covariance="diagonal",
+        n_components=2,
+        max_epochs=4,
+        patience=1,
+        random_state=0,
+        **TINY,
+    )
+    valid = [h["valid_loss"] for h in info["history"]]
+    assert info["epochs"] == len(valid) <= 4
+    assert info["best_epoch"] == int(np.argmin(valid)) + 1
+    assert -model.score(X[100:140]) == pytest.approx(min(valid), rel=1e-9)
+    if info["stopped_by"] == "early_stopping":
+        assert info["epochs"] == info["best_epoch"] + 1
+
+
+def test_run_comparison_returns_finite_metrics_for_the_three_models(result):
+    runs = result["runs"]
+    assert [r["covariance"] for r in runs] == list(COVARIANCES)
+    for run in runs:
+        for key in ("neg_recon_ll", "neg_elbo", "rf_roc_auc", "anomaly_auroc"):
+            assert np.isfinite(run[key]), key
+        assert 0 <= run["rf_roc_auc"] <= 1 and 0 <= run["rf_accuracy"] <= 1
+        # the ELBO subtracts a KL >= 0 from E[log p(x|z)]
+        assert run["neg_elbo"] >= run["neg_recon_ll"] - 1e-6 * abs(run["neg_elbo"])
+        assert run["bits_per_dim"] is None  # stamps are not quantized
+        assert run["device"] == "cpu"
+    assert {b["method"] for b in result["baselines"]} == {"raw pixels", "PCA(2)"}
+    assert result["split"] == {"train": 96, "validation": 40, "test": 24}
+
+
+def test_results_serialise_to_json(result):
+    plain = {k: v for k, v in result.items() if k not in ("models", "test_index")}
+    again = json.loads(json.dumps(plain))
+    assert again["runs"][0]["covariance"] == "spherical"
+
+
+def test_summarize_gives_mean_and_std_over_seeds():
+    runs = [
+        {"covariance": "banded", "n_components": 5, "neg_elbo": v} for v in (1, 2, 3)
+    ]
+    (row,) = summarize(runs)
+    assert row["neg_elbo"] == {"mean": 2.0, "std": 1.0, "n": 3}
+
+
+def test_fashion_mnist_gives_bits_per_dim():
+    try:
+        data = load_dataset("fashion-mnist", n_samples=100, random_state=0)
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST files are not installed")
+    assert data["quantized"] and data["X"].shape == (100, 784)
+    assert np.bincount(data["y"]).tolist() == [10] * 10
+    out = run_comparison(
+        data, covariances=("spherical",), n_components=(2,), max_epochs=1, **TINY
+    )
+    (run,) = out["runs"]
+    assert "rf_roc_auc" not in run and "anomaly_auroc" not in run
+    assert 0 < run["bits_per_dim"] < 64
