@@ -32,8 +32,12 @@ __all__ = ["CovarianceVAE", "ImageShapeWarning", "TrainingInterruptedWarning"]
 # Off-diagonal mass of each row of L^T relative to its diagonal; see
 # sk_covvae.distributions.constrain_banded_parameters.
 _RHO = 0.9
-# Images per forward pass in transform, score_samples and friends.
-_INFERENCE_BATCH = 1024
+# Images per forward pass in transform, score_samples and friends. Every
+# pass has exactly this many rows (the last one is zero-padded): float32
+# matrix products may pick their algorithm and thread split by batch size,
+# which would make a sample's result depend, in the last bits, on how many
+# rows come with it (sklearn checks subset invariance).
+_INFERENCE_BATCH = 256
 # Seed of the noise shared by all images in score_samples.
 _SCORE_SEED = 0
 
@@ -81,13 +85,22 @@ def _standardized_chunks(X, offset, scale, chunk=_INFERENCE_BATCH):
         block = (
             np.asarray(X[start : start + chunk], dtype=np.float64) - offset
         ) / scale
-        block = torch.from_numpy(block.astype(np.float32))
+        with np.errstate(over="ignore"):  # reported below, with the cause
+            block = torch.from_numpy(block.astype(np.float32))
         if not torch.isfinite(block).all():
             raise ValueError(
                 "X holds values too far from the training data to represent in "
                 "float32 after standardization (|X - offset_| / scale_ > 3.4e38)."
             )
         yield block
+
+
+def _pad_rows(block, rows=_INFERENCE_BATCH):
+    """Zero-pad a 2-D tensor to ``rows`` rows (see ``_INFERENCE_BATCH``)."""
+    missing = rows - block.shape[0]
+    if missing <= 0:
+        return block
+    return torch.cat([block, block.new_zeros(missing, *block.shape[1:])])
 
 
 def _standardized_tensor(X, offset, scale):
@@ -550,8 +563,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     # --------------------------------------------------------------- inference
     def _batches(self, X):
+        """Yield standardized, zero-padded blocks of ``_INFERENCE_BATCH`` rows."""
         for block in _standardized_chunks(X, self.offset_, self.scale_):
-            yield block.to(self.net_.device)
+            yield _pad_rows(block).to(self.net_.device), len(block)
 
     def _module(self):
         module = self.net_.module_
@@ -575,7 +589,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         X = self._validate_X(X, reset=False)
         module = self._module()
         with torch.inference_mode():
-            Z = [module.encode(xb)[0].cpu() for xb in self._batches(X)]
+            Z = [module.encode(xb)[0][:n].cpu() for xb, n in self._batches(X)]
         return torch.cat(Z).numpy().astype(X.dtype, copy=False)
 
     def inverse_transform(self, X):
@@ -599,13 +613,12 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             )
         module = self._module()
         Zt = torch.as_tensor(Z, dtype=torch.float32)
+        means = []
         with torch.inference_mode():
-            means = [
-                module.decode(Zt[i : i + _INFERENCE_BATCH].to(self.net_.device))
-                .mean.reshape(-1, self.n_features_in_)
-                .cpu()
-                for i in range(0, Zt.shape[0], _INFERENCE_BATCH)
-            ]
+            for i in range(0, Zt.shape[0], _INFERENCE_BATCH):
+                block = Zt[i : i + _INFERENCE_BATCH]
+                px = module.decode(_pad_rows(block).to(self.net_.device))
+                means.append(px.mean[: len(block)].reshape(len(block), -1).cpu())
         means = torch.cat(means).numpy().astype(np.float64)
         return (means * self.scale_ + self.offset_).astype(Z.dtype, copy=False)
 
@@ -635,8 +648,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         eps = self._fixed_noise(self.n_score_particles)
         with torch.inference_mode():
             scores = [
-                log_likelihood_bound(module, xb, eps).double().cpu()
-                for xb in self._batches(X)
+                log_likelihood_bound(module, xb, eps)[:n].double().cpu()
+                for xb, n in self._batches(X)
             ]
         jacobian = self.n_features_in_ * math.log(self.scale_)
         return torch.cat(scores).numpy() - jacobian
@@ -674,8 +687,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         eps = self._fixed_noise(n_particles)
         with torch.inference_mode():
             values = [
-                expected_log_likelihood(module, xb, eps).double().cpu()
-                for xb in self._batches(X)
+                expected_log_likelihood(module, xb, eps)[:n].double().cpu()
+                for xb, n in self._batches(X)
             ]
         return torch.cat(values).numpy() - self.n_features_in_ * math.log(self.scale_)
 

@@ -96,7 +96,11 @@ def test_transform_is_the_posterior_mean(fitted, data):
     x = torch.as_tensor((X[:5] - fitted.offset_) / fitted.scale_, dtype=torch.float32)
     with torch.no_grad():
         mu, _ = module.encode(x)
-    np.testing.assert_allclose(fitted.transform(X[:5]), mu.numpy(), rtol=1e-6)
+    # float32 network: agreement to float32 resolution (the estimator runs
+    # fixed-size padded batches, so the last bits may differ from a 5-row pass).
+    np.testing.assert_allclose(
+        fitted.transform(X[:5]), mu.numpy(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_score_is_mean_of_score_samples(fitted, data):
