@@ -80,12 +80,15 @@ def _apply_factor_t(
 
     Uses :math:`(L^\top e)_i = d_i e_i + r_i e_{i+1} + b_i e_{i+W}`, where the
     neighbours ``e_{i+1}`` and ``e_{i+W}`` are ``e`` shifted left by one
-    column and up by one row, padded with zeros (``right`` and ``down`` are
-    already zero on the boundary).
+    column and up by one row; pixels in the last column (row) have no right
+    (lower) neighbour.
     """
-    shifted_left = torch.nn.functional.pad(e[..., :, 1:], (0, 1))
-    shifted_up = torch.nn.functional.pad(e[..., 1:, :], (0, 0, 0, 1))
-    return log_diag.exp() * e + right * shifted_left + down * shifted_up
+    u = log_diag.exp() * e
+    # In place on a fresh tensor (autograd-safe: mul saved its inputs, not u);
+    # this avoids materialising the two shifted, padded copies of e.
+    u[..., :, :-1] += right[..., :, :-1] * e[..., :, 1:]
+    u[..., :-1, :] += down[..., :-1, :] * e[..., 1:, :]
+    return u
 
 
 @functools.lru_cache(maxsize=64)
