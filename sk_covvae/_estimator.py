@@ -215,9 +215,10 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         give the tighter importance-weighted bound (``k`` times the cost).
     warm_start : bool, default=False
         If True and the estimator is fitted, ``fit`` continues training the
-        current weights for ``max_epochs`` more epochs (keeping the
-        architecture and the data scaling of the first fit) instead of
-        starting afresh. Use it to resume after an interruption.
+        current weights for ``max_epochs`` more epochs instead of starting
+        afresh, keeping what the first fit set up: the architecture, the data
+        scaling, the device, the optimizer state and the early-stopping
+        rule. Use it to resume after an interruption.
     device : str, default='auto'
         Torch device for training and inference; ``'auto'`` uses CUDA when
         available. Requesting CUDA where it is absent raises ``ValueError``.
@@ -443,6 +444,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                     f"{self.image_shape_}; got {image_shape}."
                 )
             net, offset, scale = self.net_, self.offset_, self.scale_
+            # The weights stay where they are (skorch may have mapped a CUDA
+            # model to the CPU when it was unpickled).
+            device = str(net.device)
             net.set_params(max_epochs=self.max_epochs, verbose=self.verbose)
             n_before = len(net.history)
         else:
