@@ -662,15 +662,24 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """
         check_is_fitted(self)
         X = self._validate_X(X, reset=False)
+        return self._log_densities(log_likelihood_bound, X, self.n_score_particles)
+
+    def _log_densities(self, estimate, X, n_particles):
+        """Per-sample ``estimate(module, x, eps)`` in nats, in the units of ``X``.
+
+        ``X`` is already validated; ``eps`` is the fixed noise of
+        ``n_particles`` draws shared by all samples; the Jacobian of the
+        standardization is subtracted.
+        """
         module = self._module()
-        eps = self._fixed_noise(self.n_score_particles)
+        eps = self._fixed_noise(n_particles)
         with torch.inference_mode():
-            scores = [
-                log_likelihood_bound(module, xb, eps)[:n].double().cpu()
+            values = [
+                estimate(module, xb, eps)[:n].double().cpu()
                 for xb, n in self._batches(X)
             ]
         jacobian = self.n_features_in_ * math.log(self.scale_)
-        return torch.cat(scores).numpy() - jacobian
+        return torch.cat(values).numpy() - jacobian
 
     def _fixed_noise(self, n_particles):
         generator = torch.Generator().manual_seed(_SCORE_SEED)
@@ -701,14 +710,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             raise ValueError(
                 f"n_particles must be a positive integer, got {n_particles!r}."
             )
-        module = self._module()
-        eps = self._fixed_noise(n_particles)
-        with torch.inference_mode():
-            values = [
-                expected_log_likelihood(module, xb, eps)[:n].double().cpu()
-                for xb, n in self._batches(X)
-            ]
-        return torch.cat(values).numpy() - self.n_features_in_ * math.log(self.scale_)
+        return self._log_densities(expected_log_likelihood, X, n_particles)
 
     def score(self, X, y=None):
         """Mean of :meth:`score_samples`, a lower bound on the mean log-likelihood.

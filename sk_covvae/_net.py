@@ -60,6 +60,18 @@ def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
 
 
+def _posterior_draws(module, x_flat, eps, dtype):
+    """Encode ``x_flat`` and draw ``z_j = mu + sigma * eps_j`` for every ``j``.
+
+    Returns ``mu``, ``logvar`` (N, K), the images ``x`` (N, H, W) and the
+    draws ``z`` (k, N, K), all in ``dtype``.
+    """
+    mu, logvar = module.encode(x_flat, dtype=dtype)
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * eps.to(dtype)[:, None, :]
+    return mu, logvar, module.images(x_flat).to(dtype), z
+
+
 def log_likelihood_bound(module, x_flat, eps, dtype=torch.float64):
     """Per-image lower bound on log p(x) with fixed noise ``eps``.
 
@@ -82,20 +94,16 @@ def log_likelihood_bound(module, x_flat, eps, dtype=torch.float64):
         The ELBO with analytic KL for ``k = 1``; the importance-weighted
         bound for ``k > 1``.
     """
-    mu, logvar = module.encode(x_flat, dtype=dtype)
-    std = torch.exp(0.5 * logvar)
-    eps = eps.to(dtype)
-    x = module.images(x_flat).to(dtype)
-    k = eps.shape[0]
+    mu, logvar, x, z = _posterior_draws(module, x_flat, eps, dtype)
+    k = len(z)
     if k == 1:
-        px = module.decode(mu + std * eps[0], dtype=dtype)
-        return px.log_prob(x) - gaussian_kl(mu, logvar)
+        return module.decode(z[0], dtype=dtype).log_prob(x) - gaussian_kl(mu, logvar)
+    half_logdet = 0.5 * logvar.sum(-1)
     log_w = []
-    for j in range(k):
-        z = mu + std * eps[j]
-        px = module.decode(z, dtype=dtype)
-        log_q = _standard_normal_log_prob(eps[j].expand_as(mu)) - 0.5 * logvar.sum(-1)
-        log_w.append(px.log_prob(x) + _standard_normal_log_prob(z) - log_q)
+    for z_j, eps_j in zip(z, eps.to(dtype)):
+        log_q = _standard_normal_log_prob(eps_j.expand_as(mu)) - half_logdet
+        px = module.decode(z_j, dtype=dtype)
+        log_w.append(px.log_prob(x) + _standard_normal_log_prob(z_j) - log_q)
     return torch.logsumexp(torch.stack(log_w), dim=0) - math.log(k)
 
 
@@ -110,14 +118,8 @@ def expected_log_likelihood(module, x_flat, eps, dtype=torch.float64):
     -------
     torch.Tensor of shape (N,)
     """
-    mu, logvar = module.encode(x_flat, dtype=dtype)
-    std = torch.exp(0.5 * logvar)
-    x = module.images(x_flat).to(dtype)
-    eps = eps.to(dtype)
-    total = 0.0
-    for j in range(eps.shape[0]):
-        total = total + module.decode(mu + std * eps[j], dtype=dtype).log_prob(x)
-    return total / eps.shape[0]
+    _, _, x, z = _posterior_draws(module, x_flat, eps, dtype)
+    return sum(module.decode(z_j, dtype=dtype).log_prob(x) for z_j in z) / len(z)
 
 
 class SliceLoader:
