@@ -182,7 +182,9 @@ class Decoder(nn.Module):
         """
         weight = self.trunk[0].weight
         h = self.trunk(z.to(weight.dtype))
-        loc = self.mean_head(h)[:, 0]
+        # squeeze/unbind rather than indexing: their backward is one view or
+        # one stack, where each index would scatter into a zero-filled copy.
+        loc = self.mean_head(h).squeeze(1)
         dtype = weight.dtype if dtype is None else dtype
         loc = loc.to(dtype)
         if self.covariance == "spherical":
@@ -194,20 +196,18 @@ class Decoder(nn.Module):
             return SphericalPrecisionNormal(
                 loc, log_diag.expand(loc.shape[0]), validate_args=False
             )
-        raw = self.covariance_head(h).to(dtype)
+        raw = self.covariance_head(h).to(dtype).unbind(1)
         if self.covariance == "diagonal":
             log_diag, _, _ = constrain_banded_parameters(
-                raw[:, 0], log_diag_bounds=self.log_diag_bounds, rho=self.rho
+                raw[0], log_diag_bounds=self.log_diag_bounds, rho=self.rho
             )
             return DiagonalPrecisionNormal(loc, log_diag, validate_args=False)
         log_diag, right, down = constrain_banded_parameters(
-            raw[:, 0],
-            raw[:, 1],
-            raw[:, 2],
-            log_diag_bounds=self.log_diag_bounds,
-            rho=self.rho,
+            *raw, log_diag_bounds=self.log_diag_bounds, rho=self.rho, relative=True
         )
-        return BandedPrecisionNormal(loc, log_diag, right, down, validate_args=False)
+        return BandedPrecisionNormal(
+            loc, log_diag, right, down, validate_args=False, relative=True
+        )
 
 
 class VAEModule(nn.Module):
