@@ -12,7 +12,7 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
-from sklearn.utils import check_array, check_random_state
+from sklearn.utils import assert_all_finite, check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from skorch.callbacks import EarlyStopping
@@ -38,6 +38,8 @@ _RHO = 0.9
 # which would make a sample's result depend, in the last bits, on how many
 # rows come with it (sklearn checks subset invariance).
 _INFERENCE_BATCH = 256
+# Rows standardized at once at inference (a multiple of _INFERENCE_BATCH).
+_STANDARDIZE_ROWS = 16 * _INFERENCE_BATCH
 # Seed of the noise shared by all images in score_samples.
 _SCORE_SEED = 0
 
@@ -91,7 +93,9 @@ def _standardized_chunks(X, offset, scale, chunk=_INFERENCE_BATCH):
     float32 input is standardized in float32 (exactly rounded elementwise
     operations, so a row's result does not depend on its chunk); float64
     input in float64, then rounded, so that a large offset costs no
-    precision. No standardized copy of all of ``X`` is made.
+    precision. No standardized copy of all of ``X`` is made. Raises
+    ValueError if ``X`` holds NaN or inf (scikit-learn's message) or if a
+    standardized value overflows float32.
     """
     for start in range(0, X.shape[0], chunk):
         rows = X[start : start + chunk]
@@ -102,10 +106,12 @@ def _standardized_chunks(X, offset, scale, chunk=_INFERENCE_BATCH):
             block = (np.asarray(rows, dtype=np.float64) - offset) / scale
             with np.errstate(over="ignore"):  # reported below, with the cause
                 block = torch.from_numpy(block.astype(np.float32))
-        # X is finite (validated), so only an overflow can make a value
-        # non-finite, and then the sum is too; the sum is one pass where the
-        # elementwise test is four (a large finite sum can overflow: then test).
+        # A NaN or inf in X, or an overflow, makes the sum non-finite: one
+        # pass where the elementwise test is four (a large finite sum can
+        # overflow too; the exact tests then decide). X's own values are
+        # checked first, with scikit-learn's message.
         if not torch.isfinite(block.sum()) and not torch.isfinite(block).all():
+            assert_all_finite(rows, input_name="X")
             raise ValueError(
                 "X holds values too far from the training data to represent in "
                 "float32 after standardization (|X - offset_| / scale_ > 3.4e38)."
@@ -397,13 +403,16 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             )
         return shape
 
-    def _validate_X(self, X, reset):
+    def _validate_X(self, X, reset, check_finite=True):
+        """``validate_data``; ``check_finite=False`` where the caller's
+        standardization pass checks finiteness itself (``_batches``)."""
         return validate_data(
             self,
             X,
             reset=reset,
             dtype=[np.float64, np.float32],
             ensure_min_samples=2 if reset else 1,
+            ensure_all_finite=check_finite,
         )
 
     # --------------------------------------------------------------------- fit
@@ -585,9 +594,18 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     # --------------------------------------------------------------- inference
     def _batches(self, X):
-        """Yield standardized, zero-padded blocks of ``_INFERENCE_BATCH`` rows."""
-        for block in _standardized_chunks(X, self.offset_, self.scale_):
-            yield _pad_rows(block).to(self.net_.device), len(block)
+        """Yield standardized, zero-padded blocks of ``_INFERENCE_BATCH`` rows.
+
+        Rows are standardized ``_STANDARDIZE_ROWS`` at a time (few, large
+        elementwise operations, and a bounded amount of memory), then cut into
+        blocks, each with the number of its real (unpadded) rows.
+        """
+        device = torch.device(self.net_.device)
+        for chunk in _standardized_chunks(
+            X, self.offset_, self.scale_, chunk=_STANDARDIZE_ROWS
+        ):
+            for block in chunk.split(_INFERENCE_BATCH):
+                yield _pad_rows(block).to(device), len(block)
 
     def _module(self):
         module = self.net_.module_
@@ -608,7 +626,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             or float64).
         """
         check_is_fitted(self)
-        X = self._validate_X(X, reset=False)
+        X = self._validate_X(X, reset=False, check_finite=False)
         module = self._module()
         with torch.inference_mode():
             Z = [module.encode(xb)[0][:n].cpu() for xb, n in self._batches(X)]
@@ -665,7 +683,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         scores : ndarray of shape (n_samples,)
         """
         check_is_fitted(self)
-        X = self._validate_X(X, reset=False)
+        X = self._validate_X(X, reset=False, check_finite=False)
         return self._log_densities(log_likelihood_bound, X, self.n_score_particles)
 
     def _log_densities(self, estimate, X, n_particles):
@@ -709,7 +727,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         ndarray of shape (n_samples,)
         """
         check_is_fitted(self)
-        X = self._validate_X(X, reset=False)
+        X = self._validate_X(X, reset=False, check_finite=False)
         if not isinstance(n_particles, Integral) or n_particles < 1:
             raise ValueError(
                 f"n_particles must be a positive integer, got {n_particles!r}."

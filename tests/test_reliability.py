@@ -53,7 +53,9 @@ def test_bad_input_to_fit(X, error, match):
         CovarianceVAE(**FAST).fit(X)
 
 
-@pytest.mark.parametrize("method", ["transform", "score_samples", "score"])
+@pytest.mark.parametrize(
+    "method", ["transform", "score_samples", "score", "reconstruction_log_likelihood"]
+)
 @pytest.mark.parametrize(
     "X, match",
     [
@@ -66,6 +68,17 @@ def test_bad_input_to_fit(X, error, match):
 def test_bad_input_after_fit(fitted, method, X, match):
     with pytest.raises(ValueError, match=match):
         getattr(fitted, method)(X)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad, match", [(np.nan, "NaN"), (-np.inf, "infinity")])
+def test_non_finite_value_far_into_a_large_input_is_reported(fitted, dtype, bad, match):
+    # Inference checks finiteness while it standardizes, chunk by chunk: a
+    # bad value in a late chunk is still found, with scikit-learn's message.
+    X = np.zeros((5000, 36), dtype=dtype)
+    X[4700, 7] = bad
+    with pytest.raises(ValueError, match=f"Input X contains {match}"):
+        fitted.transform(X)
 
 
 def test_out_of_range_input_after_fit(fitted):
