@@ -87,19 +87,25 @@ def _global_standardization(X):
     return float(offset), float(scale) if scale > 0 else 1.0
 
 
-def _standardized_chunks(X, offset, scale, chunk=_INFERENCE_BATCH):
+def _standardized_chunks(X, offset, scale, chunk=_INFERENCE_BATCH, device=None):
     """Yield float32 tensors of ``(X - offset) / scale``, ``chunk`` rows at a time.
 
     float32 input is standardized in float32 (exactly rounded elementwise
     operations, so a row's result does not depend on its chunk); float64
     input in float64, then rounded, so that a large offset costs no
-    precision. No standardized copy of all of ``X`` is made. Raises
-    ValueError if ``X`` holds NaN or inf (scikit-learn's message) or if a
-    standardized value overflows float32.
+    precision. No standardized copy of all of ``X`` is made. With a CUDA
+    ``device``, each chunk is copied there as it is and standardized there
+    (one copy per chunk, no CPU pass). Raises ValueError if ``X`` holds NaN
+    or inf (scikit-learn's message) or if a standardized value overflows
+    float32.
     """
+    on_cpu = device is None or torch.device(device).type == "cpu"
     for start in range(0, X.shape[0], chunk):
         rows = X[start : start + chunk]
-        if rows.dtype == np.float32:
+        if not on_cpu:
+            block = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+            block = ((block - offset) / scale).to(torch.float32)
+        elif rows.dtype == np.float32:
             block = torch.from_numpy(np.ascontiguousarray(rows)) - offset
             block.div_(scale)
         else:
@@ -602,10 +608,10 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """
         device = torch.device(self.net_.device)
         for chunk in _standardized_chunks(
-            X, self.offset_, self.scale_, chunk=_STANDARDIZE_ROWS
+            X, self.offset_, self.scale_, chunk=_STANDARDIZE_ROWS, device=device
         ):
             for block in chunk.split(_INFERENCE_BATCH):
-                yield _pad_rows(block).to(device), len(block)
+                yield _pad_rows(block), len(block)
 
     def _module(self):
         module = self.net_.module_
@@ -629,8 +635,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         X = self._validate_X(X, reset=False, check_finite=False)
         module = self._module()
         with torch.inference_mode():
-            Z = [module.encode(xb)[0][:n].cpu() for xb, n in self._batches(X)]
-        return torch.cat(Z).numpy().astype(X.dtype, copy=False)
+            # One copy back at the end: no synchronisation per block on a GPU.
+            Z = [module.encode(xb)[0][:n] for xb, n in self._batches(X)]
+        return torch.cat(Z).cpu().numpy().astype(X.dtype, copy=False)
 
     def inverse_transform(self, X):
         """Decoder means for latent vectors, in the units of the data.
@@ -696,12 +703,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         module = self._module()
         eps = self._fixed_noise(n_particles)
         with torch.inference_mode():
-            values = [
-                estimate(module, xb, eps)[:n].double().cpu()
-                for xb, n in self._batches(X)
-            ]
+            values = [estimate(module, xb, eps)[:n] for xb, n in self._batches(X)]
         jacobian = self.n_features_in_ * math.log(self.scale_)
-        return torch.cat(values).numpy() - jacobian
+        return torch.cat(values).double().cpu().numpy() - jacobian
 
     def _fixed_noise(self, n_particles):
         generator = torch.Generator().manual_seed(_SCORE_SEED)
