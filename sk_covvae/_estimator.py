@@ -1,5 +1,6 @@
 """The scikit-learn face of the model: the :class:`CovarianceVAE` estimator."""
 
+import contextlib
 import math
 import warnings
 from numbers import Integral, Real
@@ -141,6 +142,28 @@ def _standardized_tensor(X, offset, scale):
         out[start : start + len(block)] = block
         start += len(block)
     return out
+
+
+@contextlib.contextmanager
+def _reproducible_kernels(device):
+    """On CUDA, cuDNN's deterministic algorithms; elsewhere nothing.
+
+    cuDNN may otherwise pick algorithms that sum in a varying order (the
+    transposed convolutions of the decoder run as such), so that two calls
+    of ``score_samples`` on the same data, or two fits with the same
+    ``random_state``, differ in the last bits. The two flags are restored on
+    exit; CPU kernels are deterministic already.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
 
 
 def _restore_best_weights(net):
@@ -555,7 +578,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """
         devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
         n_before = len(net.history) if not initialize else 0
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), _reproducible_kernels(device):
             torch.manual_seed(seed)
             try:
                 if initialize:
@@ -634,7 +657,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         check_is_fitted(self)
         X = self._validate_X(X, reset=False, check_finite=False)
         module = self._module()
-        with torch.inference_mode():
+        with torch.inference_mode(), _reproducible_kernels(self.net_.device):
             # One copy back at the end: no synchronisation per block on a GPU.
             Z = [module.encode(xb)[0][:n] for xb, n in self._batches(X)]
         return torch.cat(Z).cpu().numpy().astype(X.dtype, copy=False)
@@ -661,7 +684,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         module = self._module()
         Zt = torch.as_tensor(Z, dtype=torch.float32)
         means = []
-        with torch.inference_mode():
+        with torch.inference_mode(), _reproducible_kernels(self.net_.device):
             for i in range(0, Zt.shape[0], _INFERENCE_BATCH):
                 block = Zt[i : i + _INFERENCE_BATCH]
                 px = module.decode(_pad_rows(block).to(self.net_.device))
@@ -702,7 +725,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """
         module = self._module()
         eps = self._fixed_noise(n_particles)
-        with torch.inference_mode():
+        with torch.inference_mode(), _reproducible_kernels(self.net_.device):
             values = [estimate(module, xb, eps)[:n] for xb, n in self._batches(X)]
         jacobian = self.n_features_in_ * math.log(self.scale_)
         return torch.cat(values).double().cpu().numpy() - jacobian
@@ -786,7 +809,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         module = self._module()
         device = self.net_.device
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), _reproducible_kernels(self.net_.device):
             for start in range(0, n_samples, _INFERENCE_BATCH):
                 n = min(_INFERENCE_BATCH, n_samples - start)
                 z = torch.randn(n, self._n_latent, generator=generator)

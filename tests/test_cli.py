@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sk_covvae.cli import main
 
@@ -35,7 +36,7 @@ def test_quick_writes_json_with_the_three_models(quick_run):
     ]
     for run in document["runs"]:
         assert run["epochs"] >= 1 and run["fit_time_s"] > 0
-        assert run["device"] == "cpu"
+        assert run["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
         for key in ("neg_recon_ll", "neg_elbo", "rf_roc_auc", "anomaly_auroc"):
             assert isinstance(run[key], float)
     assert document["config"]["command"] == f"covvae compare --quick --out {out}"

@@ -20,6 +20,13 @@ from sk_covvae.distributions import BandedPrecisionNormal
 
 SIDE = 8
 COVARIANCES = ["banded", "diagonal", "spherical"]
+# device="auto" (the default) trains on the GPU where there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Hand-made references below run the module on a batch of another size than
+# the estimator's fixed 256-row passes: on CPU that changes nothing (float64
+# maps after the layers), on a GPU the float32 layers may pick other kernels
+# for another batch size (and use TF32), so only float32-level agreement holds.
+REF_RTOL = 1e-10 if DEVICE == "cpu" else 1e-5
 
 
 def correlated_noise(n, shape, coupling=0.4, seed=0):
@@ -68,7 +75,7 @@ def test_fitted_attributes(fitted, data):
     X, _ = data
     assert fitted.image_shape_ == (SIDE, SIDE)
     assert fitted.n_features_in_ == SIDE * SIDE
-    assert fitted.device_ == "cpu"
+    assert fitted.device_ == DEVICE
     assert 1 <= fitted.n_epochs_ <= 30
     low, median, high = np.quantile(X, [0.01, 0.5, 0.99])
     assert fitted.offset_ == pytest.approx(median)
@@ -95,11 +102,11 @@ def test_transform_is_the_posterior_mean(fitted, data):
     module = fitted.net_.module_
     x = torch.as_tensor((X[:5] - fitted.offset_) / fitted.scale_, dtype=torch.float32)
     with torch.no_grad():
-        mu, _ = module.encode(x)
+        mu, _ = module.encode(x.to(DEVICE))
     # float32 network: agreement to float32 resolution (the estimator runs
     # fixed-size padded batches, so the last bits may differ from a 5-row pass).
     np.testing.assert_allclose(
-        fitted.transform(X[:5]), mu.numpy(), rtol=1e-5, atol=1e-6
+        fitted.transform(X[:5]), mu.cpu().numpy(), rtol=1e-5, atol=1e-6
     )
 
 
@@ -116,7 +123,8 @@ def test_score_samples_is_the_elbo(fitted, data):
     X, _ = data
     module = fitted.net_.module_
     x = torch.as_tensor((X - fitted.offset_) / fitted.scale_, dtype=torch.float32)
-    eps = torch.randn(1, 4, generator=torch.Generator().manual_seed(0))
+    x = x.to(DEVICE)
+    eps = torch.randn(1, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
         mu, logvar = module.encode(x, dtype=torch.float64)
         px = module.decode(
@@ -124,8 +132,8 @@ def test_score_samples_is_the_elbo(fitted, data):
         )
         rec = px.log_prob(module.images(x).double())
         kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)
-    expected = (rec - kl).numpy() - X.shape[1] * np.log(fitted.scale_)
-    np.testing.assert_allclose(fitted.score_samples(X), expected, rtol=1e-10)
+    expected = (rec - kl).cpu().numpy() - X.shape[1] * np.log(fitted.scale_)
+    np.testing.assert_allclose(fitted.score_samples(X), expected, rtol=REF_RTOL)
 
 
 def test_reconstruction_term_exceeds_elbo_by_the_kl(fitted, data):
@@ -134,9 +142,9 @@ def test_reconstruction_term_exceeds_elbo_by_the_kl(fitted, data):
     module = fitted.net_.module_
     x = torch.as_tensor((X - fitted.offset_) / fitted.scale_, dtype=torch.float32)
     with torch.no_grad():
-        mu, logvar = module.encode(x, dtype=torch.float64)
-    kl = (0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)).numpy()
-    np.testing.assert_allclose(gap, kl, rtol=1e-9, atol=1e-9)
+        mu, logvar = module.encode(x.to(DEVICE), dtype=torch.float64)
+    kl = (0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)).cpu().numpy()
+    np.testing.assert_allclose(gap, kl, rtol=REF_RTOL, atol=1e3 * REF_RTOL)
     assert (kl >= 0).all()
 
 

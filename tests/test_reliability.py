@@ -11,7 +11,11 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 import sk_covvae._net as net_module
 from sk_covvae import CovarianceVAE
-from sk_covvae._estimator import ImageShapeWarning, TrainingInterruptedWarning
+from sk_covvae._estimator import (
+    ImageShapeWarning,
+    TrainingInterruptedWarning,
+    _reproducible_kernels,
+)
 from sk_covvae._net import VAENet
 from sk_covvae.distributions import covariance_eigenvalue_bounds
 
@@ -214,7 +218,7 @@ def test_decoder_covariance_stays_inside_the_stated_bound(covariance):
     vae = CovarianceVAE(**{**FAST, "covariance": covariance}).fit(images())
     module = vae.net_.module_
     # Latent codes far outside the prior push the heads to extreme outputs.
-    z = torch.cat([torch.zeros(1, 2), 1e4 * torch.randn(7, 2)])
+    z = torch.cat([torch.zeros(1, 2), 1e4 * torch.randn(7, 2)]).to(vae.device_)
     with torch.no_grad():
         px = module.decode(z, dtype=torch.float64)
         eig = torch.linalg.eigvalsh(px.covariance_matrix)
@@ -314,3 +318,18 @@ def test_warm_start_continues_instead_of_restarting():
 def test_non_square_warning_names_the_fix():
     with pytest.warns(ImageShapeWarning, match="Pass image_shape"):
         CovarianceVAE(**FAST).fit(np.random.RandomState(0).normal(size=(20, 7)))
+
+
+def test_reproducible_kernels_sets_and_restores_cudnn_flags():
+    # Inference and training run under this context on CUDA (same scores on
+    # every call, same fit for the same random_state); it must leave the
+    # process's flags as it found them, also when the body raises.
+    cudnn = torch.backends.cudnn
+    before = cudnn.deterministic, cudnn.benchmark
+    with _reproducible_kernels("cpu"):
+        assert (cudnn.deterministic, cudnn.benchmark) == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with _reproducible_kernels("cuda:0"):
+            assert cudnn.deterministic and not cudnn.benchmark
+            raise RuntimeError("inside")
+    assert (cudnn.deterministic, cudnn.benchmark) == before
