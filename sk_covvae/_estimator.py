@@ -146,24 +146,30 @@ def _standardized_tensor(X, offset, scale):
 
 @contextlib.contextmanager
 def _reproducible_kernels(device):
-    """On CUDA, cuDNN's deterministic algorithms; elsewhere nothing.
+    """On CUDA, deterministic full-float32 kernels; elsewhere nothing.
 
     cuDNN may otherwise pick algorithms that sum in a varying order (the
     transposed convolutions of the decoder run as such), so that two calls
     of ``score_samples`` on the same data, or two fits with the same
-    ``random_state``, differ in the last bits. The two flags are restored on
-    exit; CPU kernels are deterministic already.
+    ``random_state``, differ in the last bits; and it runs float32
+    convolutions in TF32 by default, whose 10-bit mantissa moves
+    log-densities by about 1e-3 relative. Inside, both are off (the networks
+    are small: kernel launches, not arithmetic, bound their speed), so CUDA
+    results agree with CPU results to float32 rounding. The flags are
+    restored on exit; CPU kernels are deterministic already.
     """
     if torch.device(device).type != "cuda":
         yield
         return
-    cudnn = torch.backends.cudnn
-    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
     cudnn.deterministic, cudnn.benchmark = True, False
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
     try:
         yield
     finally:
-        cudnn.deterministic, cudnn.benchmark = saved
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = saved[:3]
+        matmul.allow_tf32 = saved[3]
 
 
 def _restore_best_weights(net):

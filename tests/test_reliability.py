@@ -322,14 +322,23 @@ def test_non_square_warning_names_the_fix():
 
 def test_reproducible_kernels_sets_and_restores_cudnn_flags():
     # Inference and training run under this context on CUDA (same scores on
-    # every call, same fit for the same random_state); it must leave the
-    # process's flags as it found them, also when the body raises.
-    cudnn = torch.backends.cudnn
-    before = cudnn.deterministic, cudnn.benchmark
+    # every call, same fit for the same random_state, no TF32); it must leave
+    # the process's flags as it found them, also when the body raises.
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+
+    def flags():
+        return (
+            cudnn.deterministic,
+            cudnn.benchmark,
+            cudnn.allow_tf32,
+            matmul.allow_tf32,
+        )
+
+    before = flags()
     with _reproducible_kernels("cpu"):
-        assert (cudnn.deterministic, cudnn.benchmark) == before
+        assert flags() == before
     with pytest.raises(RuntimeError, match="inside"):
         with _reproducible_kernels("cuda:0"):
-            assert cudnn.deterministic and not cudnn.benchmark
+            assert flags() == (True, False, False, False)
             raise RuntimeError("inside")
-    assert (cudnn.deterministic, cudnn.benchmark) == before
+    assert flags() == before
