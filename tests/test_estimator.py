@@ -26,7 +26,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the estimator's fixed 256-row passes: on CPU that changes nothing (float64
 # maps after the layers), on a GPU the float32 layers may pick other kernels
 # for another batch size (and use TF32), so only float32-level agreement holds.
+# (Scores sum D = 64 pixel terms of order 1-10: float32 rounding moves them
+# by up to about 1e-4 nats, which matters for scores near 0.)
 REF_RTOL = 1e-10 if DEVICE == "cpu" else 1e-5
+REF_ATOL = 0.0 if DEVICE == "cpu" else 1e-4
 
 
 def correlated_noise(n, shape, coupling=0.4, seed=0):
@@ -133,7 +136,9 @@ def test_score_samples_is_the_elbo(fitted, data):
         rec = px.log_prob(module.images(x).double())
         kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)
     expected = (rec - kl).cpu().numpy() - X.shape[1] * np.log(fitted.scale_)
-    np.testing.assert_allclose(fitted.score_samples(X), expected, rtol=REF_RTOL)
+    np.testing.assert_allclose(
+        fitted.score_samples(X), expected, rtol=REF_RTOL, atol=REF_ATOL
+    )
 
 
 def test_reconstruction_term_exceeds_elbo_by_the_kl(fitted, data):
@@ -144,7 +149,7 @@ def test_reconstruction_term_exceeds_elbo_by_the_kl(fitted, data):
     with torch.no_grad():
         mu, logvar = module.encode(x.to(DEVICE), dtype=torch.float64)
     kl = (0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)).cpu().numpy()
-    np.testing.assert_allclose(gap, kl, rtol=REF_RTOL, atol=1e3 * REF_RTOL)
+    np.testing.assert_allclose(gap, kl, rtol=REF_RTOL, atol=max(1e-9, REF_ATOL))
     assert (kl >= 0).all()
 
 
