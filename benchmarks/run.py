@@ -1012,8 +1012,21 @@ def _fmt(value):
     return f"{value:.3g}"
 
 
-def format_table(results):
-    """The results as a plain-text table, one line per row."""
+def format_machine(results):
+    """Two lines on where and how a run was made."""
+    m = results["machine"]
+    return (
+        f"{m['cpu_model']}, {m['cpus_available']} cores, torch {m['torch_version']}"
+        f" ({m['torch_threads']} threads), device {m['device']}"
+        + (f" ({m['gpu']})" if m["gpu"] else "")
+        + f", {m['date']}, freed memory retained: {m.get('retain_freed_memory')}"
+        + f", wall time {results.get('wall_time_s', float('nan')):.0f} s"
+        + f"\ncommand: {m['command']}"
+    )
+
+
+def format_table(results, markdown=False):
+    """The results as a table, one line per row: plain text, or Markdown."""
     header = (
         "line",
         "measured",
@@ -1048,6 +1061,14 @@ def format_table(results):
                     _fmt(row.get("pass")) if row.get("pass") is not None else "",
                 )
             )
+    if markdown:
+        out = [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for r in lines:
+            out.append("| " + " | ".join(c.replace("|", "/") for c in r) + " |")
+        return "\n".join(out)
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     out = [
         " | ".join(c.ljust(w) for c, w in zip(header, widths)),
@@ -1135,7 +1156,17 @@ def main(argv=None):
         default=list(SECTIONS),
         help="run only these sections",
     )
+    parser.add_argument(
+        "--table",
+        metavar="FILE.json",
+        help="print the Markdown table of a recorded run and its machine; run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        recorded = json.loads(Path(args.table).read_text())
+        print(format_machine(recorded) + "\n")
+        print(format_table(recorded, markdown=True))
+        return recorded
     global _RETAINED_FREED_MEMORY
     if not args.default_malloc:
         _RETAINED_FREED_MEMORY = retain_freed_memory()
@@ -1143,13 +1174,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     config = quick_config() if args.quick else full_config()
     results = run_suite(config, args.device, args.sections, out=args.out)
-    m = results["machine"]
-    print(
-        f"\n{m['cpu_model']}, {m['cpus_available']} cores, torch {m['torch_version']}"
-        f" ({m['torch_threads']} threads), device {m['device']}"
-        + (f" ({m['gpu']})" if m["gpu"] else "")
-        + f", {m['date']}\ncommand: {m['command']}\n"
-    )
+    print("\n" + format_machine(results) + "\n")
     print(format_table(results))
     print(f"\nwall time {results['wall_time_s']:.0f} s; JSON written to {args.out}")
     return results

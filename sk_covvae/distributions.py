@@ -138,8 +138,11 @@ class _FactorTransposeProduct(torch.autograd.Function):
     instead of the slice-and-copy nodes that autograd would record for the
     in-place forward. It is itself made of differentiable operations
     (recomputing ``d`` from ``log_diag`` when a graph of the backward pass is
-    asked for), so double backward works.
+    asked for), so double backward works, and so do ``torch.func``
+    transforms (``generate_vmap_rule``).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(e, log_diag, right, down, relative):
