@@ -63,13 +63,28 @@ def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 def _posterior_draws(module, x_flat, eps, dtype):
     """Encode ``x_flat`` and draw ``z_j = mu + sigma * eps_j`` for every ``j``.
 
-    Returns ``mu``, ``logvar`` (N, K), the images ``x`` (N, H, W) and the
-    draws ``z`` (k, N, K), all in ``dtype``.
+    Returns ``mu``, ``logvar`` (N, K) and the draws ``z`` (k, N, K) in
+    ``dtype``, and the images ``x`` (N, H, W) as they are.
     """
     mu, logvar = module.encode(x_flat, dtype=dtype)
     std = torch.exp(0.5 * logvar)
     z = mu + std * eps.to(dtype)[:, None, :]
-    return mu, logvar, module.images(x_flat).to(dtype), z
+    return mu, logvar, module.images(x_flat), z
+
+
+def _decoder_log_prob(module, z, x, dtype):
+    """log p(x|z): decoder maps in the network's dtype, per-image sums in ``dtype``.
+
+    The sums, where float32 would lose digits, are in ``dtype``; the maps
+    before them cost half as much in float32 as in float64. Whether an image
+    shares its batch with others moves its result by float32 rounding at
+    most: the estimator passes blocks of a fixed number of rows (256, a
+    multiple of every vector width), so vectorised kernels treat every pixel
+    alike, except that a few elements where a thread's share of a block ends
+    mid-vector (thread counts other than powers of two) may round their last
+    bit differently, ~1e-7 relative on one pixel's term.
+    """
+    return module.decode(z)._log_prob(x, sum_dtype=dtype)
 
 
 def log_likelihood_bound(module, x_flat, eps, dtype=torch.float64):
@@ -85,8 +100,8 @@ def log_likelihood_bound(module, x_flat, eps, dtype=torch.float64):
         image independent of the batch it comes in.
 
     dtype : torch.dtype, default=torch.float64
-        Dtype of the elementwise maps and sums after the network layers
-        (see ``VAEModule.encode``).
+        Dtype of the posterior's elementwise maps (see ``VAEModule.encode``),
+        of the per-image sums of the decoder's log-density and of the result.
 
     Returns
     -------
@@ -97,13 +112,13 @@ def log_likelihood_bound(module, x_flat, eps, dtype=torch.float64):
     mu, logvar, x, z = _posterior_draws(module, x_flat, eps, dtype)
     k = len(z)
     if k == 1:
-        return module.decode(z[0], dtype=dtype).log_prob(x) - gaussian_kl(mu, logvar)
+        return _decoder_log_prob(module, z[0], x, dtype) - gaussian_kl(mu, logvar)
     half_logdet = 0.5 * logvar.sum(-1)
     log_w = []
     for z_j, eps_j in zip(z, eps.to(dtype)):
         log_q = _standard_normal_log_prob(eps_j.expand_as(mu)) - half_logdet
-        px = module.decode(z_j, dtype=dtype)
-        log_w.append(px.log_prob(x) + _standard_normal_log_prob(z_j) - log_q)
+        log_p = _decoder_log_prob(module, z_j, x, dtype)
+        log_w.append(log_p + _standard_normal_log_prob(z_j) - log_q)
     return torch.logsumexp(torch.stack(log_w), dim=0) - math.log(k)
 
 
@@ -119,7 +134,7 @@ def expected_log_likelihood(module, x_flat, eps, dtype=torch.float64):
     torch.Tensor of shape (N,)
     """
     _, _, x, z = _posterior_draws(module, x_flat, eps, dtype)
-    return sum(module.decode(z_j, dtype=dtype).log_prob(x) for z_j in z) / len(z)
+    return sum(_decoder_log_prob(module, z_j, x, dtype) for z_j in z) / len(z)
 
 
 class SliceLoader:

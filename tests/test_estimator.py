@@ -22,14 +22,13 @@ SIDE = 8
 COVARIANCES = ["banded", "diagonal", "spherical"]
 # device="auto" (the default) trains on the GPU where there is one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Hand-made references below run the module on a batch of another size than
-# the estimator's fixed 256-row passes: on CPU that changes nothing (float64
-# maps after the layers), on a GPU the float32 layers may pick other kernels
-# for another batch size (and use TF32), so only float32-level agreement holds.
-# (Scores sum D = 64 pixel terms of order 1-10: float32 rounding moves them
-# by up to about 1e-4 nats, which matters for scores near 0.)
-REF_RTOL = 1e-10 if DEVICE == "cpu" else 1e-5
-REF_ATOL = 0.0 if DEVICE == "cpu" else 1e-4
+# Hand-made references below compute in float64 after the network layers,
+# the estimator with float32 maps and float64 sums: on CPU they agree to
+# float32 rounding of the D = 64 pixel terms (of order 1-10), a few 1e-6
+# nats. On a GPU the float32 layers may also pick other kernels for the
+# references' batch size than for the estimator's 256-row blocks.
+REF_RTOL = 1e-6 if DEVICE == "cpu" else 1e-5
+REF_ATOL = 2e-5 if DEVICE == "cpu" else 1e-4
 
 
 def correlated_noise(n, shape, coupling=0.4, seed=0):
