@@ -706,7 +706,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         with one ``z``; with ``k > 1`` the importance-weighted bound with
         ``k`` particles. The standard normal draws are fixed and shared by all
         samples, so the result is deterministic and does not depend on the
-        other rows of ``X`` (bit for bit with 1, 2 or 4 torch threads; with
+        other rows of ``X`` (bit for bit with 1, 2, 4 or 8 torch threads; with
         other thread counts, to float32 rounding of a pixel or two, about
         1e-9 relative). Densities are in the units of ``X`` (the
         Jacobian of the internal standardization is included). Higher means
