@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sk_covvae import CovarianceVAE
-from sk_covvae._allocator import retain_freed_memory
+from sk_covvae._allocator import OPT_OUT_VARIABLE, maybe_retain_freed_memory
 from sk_covvae._modules import VAEModule
 from sk_covvae._net import gaussian_kl, negative_elbo
 from sk_covvae.distributions import BandedPrecisionNormal, constrain_banded_parameters
@@ -1146,8 +1146,8 @@ def main(argv=None):
     parser.add_argument(
         "--default-malloc",
         action="store_true",
-        help="leave glibc's malloc thresholds alone (by default the run keeps "
-        "freed memory for reuse, see sk_covvae/_allocator.py)",
+        help="leave glibc's malloc thresholds alone (by default the run, like "
+        "CovarianceVAE, keeps freed memory for reuse: sk_covvae/_allocator.py)",
     )
     parser.add_argument(
         "--sections",
@@ -1168,8 +1168,10 @@ def main(argv=None):
         print(format_table(recorded, markdown=True))
         return recorded
     global _RETAINED_FREED_MEMORY
-    if not args.default_malloc:
-        _RETAINED_FREED_MEMORY = retain_freed_memory()
+    if args.default_malloc:
+        # CovarianceVAE would otherwise apply the setting at its first fit.
+        os.environ[OPT_OUT_VARIABLE] = "1"
+    _RETAINED_FREED_MEMORY = maybe_retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = quick_config() if args.quick else full_config()

@@ -3,26 +3,32 @@
 PyTorch on CPU allocates each step's activations and gradients with
 ``malloc``. Blocks of a few megabytes and more are served by glibc with
 ``mmap`` and handed back to the kernel on ``free``; the next step then faults
-every page in again. On the default architecture at batch 256 that costs
-about a quarter of a training step, and it varies from step to step (see
+every page in again. On the default architecture at batch 256 that costs a
+quarter to a third of a training step, and it varies from step to step (see
 ``docs/performance.md``). Raising glibc's ``M_MMAP_THRESHOLD`` and
 ``M_TRIM_THRESHOLD`` keeps those blocks in the heap for reuse, as a caching
-allocator would. The same effect, for any program, comes from the
-environment variables ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_`` (or from jemalloc or tcmalloc).
+allocator would (PyTorch's own advice for CPU training is jemalloc or
+tcmalloc, to the same end). The price: the process keeps the memory it freed
+for later allocations instead of returning it to the system.
 
-It changes the whole process, so the library never does it on its own: the
-``covvae`` command line and the benchmark call :func:`retain_freed_memory`.
+``CovarianceVAE.fit`` and its inference methods call
+:func:`maybe_retain_freed_memory` on CPU, which applies the setting once per
+process unless the environment variable ``SK_COVVAE_SYSTEM_MALLOC`` is set
+to ``1`` (set it before the first fit, or set ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` yourself for any program).
 """
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # mallopt(3) parameter numbers, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 1 << 30  # 1 GiB: far above any one tensor of this package
+OPT_OUT_VARIABLE = "SK_COVVAE_SYSTEM_MALLOC"
+_state = {"applied": None}  # None: not tried yet in this process
 
 
 def retain_freed_memory() -> bool:
@@ -48,3 +54,21 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)
     )
+
+
+def wants_system_malloc() -> bool:
+    """Whether the user asked, through the environment, to leave malloc alone."""
+    return os.environ.get(OPT_OUT_VARIABLE, "").strip() == "1"
+
+
+def maybe_retain_freed_memory() -> bool:
+    """Apply :func:`retain_freed_memory` once per process, unless opted out.
+
+    Returns
+    -------
+    bool
+        Whether the setting is in force (from this call or an earlier one).
+    """
+    if _state["applied"] is None:
+        _state["applied"] = False if wants_system_malloc() else retain_freed_memory()
+    return _state["applied"]

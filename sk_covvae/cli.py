@@ -270,10 +270,7 @@ def _compare(args):
     settings, params = _settings(args)
     import torch
 
-    from sk_covvae._allocator import retain_freed_memory
-
     torch.set_num_threads(args.threads)
-    retain_freed_memory()  # CPU training steps stop re-faulting their buffers
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["covvae", *args.argv])
