@@ -40,7 +40,8 @@ _RHO = 0.9
 # which would make a sample's result depend, in the last bits, on how many
 # rows come with it (sklearn checks subset invariance).
 _INFERENCE_BATCH = 256
-# Rows standardized at once at inference (a multiple of _INFERENCE_BATCH).
+# Rows standardized at once, in fit and at inference (a multiple of
+# _INFERENCE_BATCH).
 _STANDARDIZE_ROWS = 16 * _INFERENCE_BATCH
 # Seed of the noise shared by all images in score_samples.
 _SCORE_SEED = 0
@@ -139,7 +140,7 @@ def _standardized_tensor(X, offset, scale):
     """All of ``(X - offset) / scale`` as one float32 tensor."""
     out = torch.empty(X.shape, dtype=torch.float32)
     start = 0
-    for block in _standardized_chunks(X, offset, scale, chunk=4096):
+    for block in _standardized_chunks(X, offset, scale, chunk=_STANDARDIZE_ROWS):
         out[start : start + len(block)] = block
         start += len(block)
     return out

@@ -176,8 +176,9 @@ class _FactorTransposeProduct(torch.autograd.Function):
             grad_ld = grad_u * u if ctx.relative else grad_u * d * e
             grad_ld = grad_ld.sum_to_size(shape_ld)
         if need[2]:
-            grad_r = torch.nn.functional.pad(g[..., :, :-1] * e[..., :, 1:], (0, 1))
-            grad_r = grad_r.sum_to_size(shape_r)
+            grad_r = torch.nn.functional.pad(
+                g[..., :, :-1] * e[..., :, 1:], (0, 1)
+            ).sum_to_size(shape_r)
         if need[3]:
             grad_b = torch.nn.functional.pad(
                 g[..., :-1, :] * e[..., 1:, :], (0, 0, 0, 1)
