@@ -4,6 +4,10 @@
 data, as in :mod:`sklearn.datasets`. This subpackage needs numpy, scipy and
 scikit-learn only (and, lazily, fastavro and astropy for
 :func:`read_alert_cutouts`); it never imports torch.
+
+The real/bogus stamps of :func:`make_difference_stamps` and
+:func:`load_hits_chunks` have ``target`` :data:`REAL_LABEL` (1) for real and
+:data:`BOGUS_LABEL` (0) for bogus; ``target_names[target]`` names them.
 """
 
 from sk_covvae.datasets._alerts import read_alert_cutouts
@@ -11,13 +15,17 @@ from sk_covvae.datasets._fashion_mnist import load_fashion_mnist
 from sk_covvae.datasets._hits import load_hits_chunks
 from sk_covvae.datasets._stamps import (
     ARTEFACT_TYPES,
+    BOGUS_LABEL,
     DEFAULT_ARTEFACT_WEIGHTS,
+    REAL_LABEL,
     make_difference_stamps,
 )
 
 __all__ = [
     "ARTEFACT_TYPES",
+    "BOGUS_LABEL",
     "DEFAULT_ARTEFACT_WEIGHTS",
+    "REAL_LABEL",
     "load_fashion_mnist",
     "load_hits_chunks",
     "make_difference_stamps",

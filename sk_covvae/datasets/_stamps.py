@@ -8,6 +8,7 @@ and sources from outside it.
 
 import numbers
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import scipy.fft as sfft
@@ -15,6 +16,15 @@ from sklearn.utils import Bunch, check_random_state
 
 from sk_covvae.datasets import _calibration as cal
 
+#: ``target`` of a real candidate (an astrophysical transient), as in the
+#: Deep-HiTS labels; ``target_names[REAL_LABEL]`` is ``'real'``.
+REAL_LABEL = 1
+
+#: ``target`` of a bogus candidate (an artefact); ``target_names[BOGUS_LABEL]``
+#: is ``'bogus'``.
+BOGUS_LABEL = 0
+
+#: The artefact types of bogus candidates, in the order of ``artefact_weights``.
 ARTEFACT_TYPES = (
     "dipole",
     "psf_mismatch",
@@ -227,7 +237,7 @@ def make_difference_stamps(
             pixels have unit variance, a source's pixels are in units of the
             noise.
         target : ndarray of shape (n,), int
-            1 for real, 0 for bogus.
+            ``REAL_LABEL`` (1) for real, ``BOGUS_LABEL`` (0) for bogus.
         artefact_type : ndarray of shape (n,), str
             ``'real'`` or one of ``ARTEFACT_TYPES``.
         template, science, difference : ndarray of shape (n, s, s), float32
@@ -254,7 +264,7 @@ def make_difference_stamps(
         has_host : ndarray of shape (n,), bool
             Whether a static galaxy or star is near the candidate.
         target_names : ndarray of str
-            ``['bogus', 'real']``.
+            ``['bogus', 'real']``, indexed by ``target``.
         artefact_types : tuple of str
             The bogus types, ``ARTEFACT_TYPES``.
         image_shape : tuple
@@ -325,7 +335,7 @@ def make_difference_stamps(
 
     names = np.array(("real",) + ARTEFACT_TYPES)
     artefact_type = names[kind + 1]
-    target = (kind == -1).astype(np.int64)
+    target = np.where(kind == -1, REAL_LABEL, BOGUS_LABEL).astype(np.int64)
     data = out.pop("data").reshape(n_samples, -1)
     if return_X_y:
         return data, target
@@ -334,6 +344,7 @@ def make_difference_stamps(
         target=target,
         artefact_type=artefact_type,
         **out,
+        # indexed by label: BOGUS_LABEL = 0, REAL_LABEL = 1
         target_names=np.array(["bogus", "real"]),
         artefact_types=ARTEFACT_TYPES,
         image_shape=(stamp_size, stamp_size),
@@ -344,7 +355,9 @@ def make_difference_stamps(
 def _simulate(rng, kind, stamp_size, host_fraction, dest):
     """Simulate one chunk of stamps into the arrays of ``dest``.
 
-    ``kind`` holds -1 (real) or an index into ``ARTEFACT_TYPES``.
+    ``kind`` holds -1 (real) or an index into ``ARTEFACT_TYPES``. Each stage
+    below draws from ``rng`` in a fixed order, so that the output is a
+    deterministic function of the seed; reordering the stages changes it.
     """
     n = kind.shape[0]
     size = _canvas_size(stamp_size)
@@ -352,33 +365,86 @@ def _simulate(rng, kind, stamp_size, host_fraction, dest):
     c0 = float(lo + stamp_size // 2)  # canvas coordinate of the stamp centre
     grid = np.arange(size, dtype=np.float64)
     is_ = {name: kind == k for k, name in enumerate(ARTEFACT_TYPES)}
-    real = kind == -1
+    crop = (slice(None), slice(lo, lo + stamp_size), slice(lo, lo + stamp_size))
 
-    # --- observing conditions (HiTS 2015 / DECam) -------------------------------
+    obs = _observing_conditions(rng, n)
+    match = _psf_matching(rng, obs, is_["psf_mismatch"], size)
+    scene = _scene(rng, kind == -1, is_, obs, match, host_fraction, c0)
+    sci, tmp = _render(rng, scene, obs, match, is_["saturated_star"], grid)
+    sci_var, tmp_var = _add_noise(rng, sci, tmp, obs)
+    _add_detector_artefacts(rng, sci, tmp, is_, np.sqrt(obs.var_s), int(c0), grid)
+    diff, h_s, h_t = _subtract(sci, tmp, match)
+
+    # per-pixel variance of the difference: local approximation of the
+    # convolved variance maps (background plus source Poisson noise)
+    var_map = (
+        sci_var[crop] * match.ss_s.astype(np.float32)[:, None, None]
+        + tmp_var[crop] * match.ss_t.astype(np.float32)[:, None, None]
+    )
+    snr, weight = _centre_snr(diff[crop], var_map, match.sig_eff)
+    _condition_noise_peaks(
+        rng, np.flatnonzero(is_["noise_peak"]), diff, snr, weight, obs, h_s, h_t, crop
+    )
+    _write_chunk(dest, diff[crop], sci, tmp, var_map, snr, lo, obs, match, scene)
+
+
+def _observing_conditions(rng, n):
+    """Draw the observing conditions of both exposures (HiTS 2015 / DECam).
+
+    Returns a namespace of arrays of shape (n,): seeing FWHM [arcsec] and PSF
+    sigma [px] of the science (``_s``) and template (``_t``) images, their sky
+    levels, gain, read noise [ADU], saturation level, and background
+    variances ``var_s``, ``var_t`` [ADU^2] (sky Poisson noise plus read noise).
+    """
     u_max = cal.SEEING_MAX_LEVEL
     fwhm_s = cal.draw_from_quantiles(cal.SEEING_FWHM_ARCSEC, u_max * rng.random(n))
     fwhm_t = cal.draw_from_quantiles(cal.SEEING_FWHM_ARCSEC, u_max * rng.random(n))
-    sig_s = fwhm_s / cal.PIXEL_SCALE * _FWHM_TO_SIGMA
-    sig_t = fwhm_t / cal.PIXEL_SCALE * _FWHM_TO_SIGMA
     sky_s = cal.draw_from_quantiles(cal.SKY_ADU, rng.random(n))
     sky_t = cal.draw_from_quantiles(cal.SKY_ADU, rng.random(n))
     gain = cal.draw_from_quantiles(cal.GAIN, rng.random(n))
     rn_adu = cal.draw_from_quantiles(cal.READ_NOISE, rng.random(n)) / gain
     sat = cal.draw_from_quantiles(cal.SATURATION, rng.random(n))
-    var_s = sky_s / gain + rn_adu**2  # background variance per pixel [ADU^2]
-    var_t = sky_t / gain + rn_adu**2
+    return SimpleNamespace(
+        fwhm_s=fwhm_s,
+        fwhm_t=fwhm_t,
+        sig_s=fwhm_s / cal.PIXEL_SCALE * _FWHM_TO_SIGMA,
+        sig_t=fwhm_t / cal.PIXEL_SCALE * _FWHM_TO_SIGMA,
+        sky_s=sky_s,
+        sky_t=sky_t,
+        gain=gain,
+        rn_adu=rn_adu,
+        sat=sat,
+        var_s=sky_s / gain + rn_adu**2,
+        var_t=sky_t / gain + rn_adu**2,
+    )
 
-    # --- PSF matching: convolve the sharper image to the blurrier one -----------
-    conv_sci = sig_s < sig_t
-    sig_eff = np.maximum(sig_s, sig_t)
-    k2 = np.abs(sig_s**2 - sig_t**2)
+
+def _kernel_sum_of_squares(hy, hx, size):
+    """Sum of squares of a separable 2-D kernel from its 1-D FFTs (Parseval)."""
+    return (np.abs(hy) ** 2).sum(1) * (np.abs(hx) ** 2).sum(1) / size**2
+
+
+def _psf_matching(rng, obs, mismatch, size):
+    """Kernels that convolve the sharper image to the blurrier one's PSF.
+
+    The template's kernels also resample it by a random sub-pixel shift.
+    ``'psf_mismatch'`` stamps (``mismatch``) get a kernel of the wrong width
+    and flux scale. Returns a namespace: the 1-D FFTs ``hs_y``, ``hs_x``
+    (science) and ``ht_y``, ``ht_x`` (template), the shifts, the effective
+    PSF sigma ``sig_eff``, the kernels' sums of squares ``ss_s``, ``ss_t``,
+    the difference's background noise ``sigma_d`` and ``flux_per_snr``, the
+    flux of a centred point source per unit of expected PSF-filtered SNR.
+    """
+    n = obs.sig_s.shape[0]
+    conv_sci = obs.sig_s < obs.sig_t
+    sig_eff = np.maximum(obs.sig_s, obs.sig_t)
+    k2 = np.abs(obs.sig_s**2 - obs.sig_t**2)
     flux_scale = np.ones(n)
-    mism = is_["psf_mismatch"]
-    m = mism.sum()
+    m = mismatch.sum()
     if m:
         err = rng.uniform(0.12, 0.4, m) * rng.choice([-1.0, 1.0], m)
-        k2[mism] = np.maximum(k2[mism] + err * sig_eff[mism] ** 2, 0.0)
-        flux_scale[mism] = 1.0 + rng.uniform(0.03, 0.1, m) * rng.choice([-1, 1], m)
+        k2[mismatch] = np.maximum(k2[mismatch] + err * sig_eff[mismatch] ** 2, 0.0)
+        flux_scale[mismatch] = 1.0 + rng.uniform(0.03, 0.1, m) * rng.choice([-1, 1], m)
     sig_k = np.sqrt(k2)
     shift_y, shift_x = rng.random(n), rng.random(n)
     zero = np.zeros(n)
@@ -388,153 +454,219 @@ def _simulate(rng, kind, stamp_size, host_fraction, dest):
     hs_x = _periodic_kernel_fft(sk_s, zero, size)
     ht_y = _periodic_kernel_fft(sk_t, shift_y, size)
     ht_x = _periodic_kernel_fft(sk_t, shift_x, size)
-    nr = size // 2 + 1
+    ss_s = _kernel_sum_of_squares(hs_y, hs_x, size)
+    ss_t = _kernel_sum_of_squares(ht_y, ht_x, size)
+    sigma_d = np.sqrt(obs.var_s * ss_s + obs.var_t * ss_t)
+    return SimpleNamespace(
+        size=size,
+        hs_y=hs_y,
+        hs_x=hs_x,
+        ht_y=ht_y,
+        ht_x=ht_x,
+        shift_y=shift_y,
+        shift_x=shift_x,
+        sig_eff=sig_eff,
+        ss_s=ss_s,
+        ss_t=ss_t,
+        sigma_d=sigma_d,
+        flux_per_snr=sigma_d * np.sqrt(4.0 * np.pi) * sig_eff,
+    )
 
-    def sumsq(hy, hx):  # Parseval: sum of squares of the separable 2-D kernel
-        return (np.abs(hy) ** 2).sum(1) * (np.abs(hx) ** 2).sum(1) / size**2
 
-    ss_s, ss_t = sumsq(hs_y, hs_x), sumsq(ht_y, ht_x)
-    ss_s32 = ss_s.astype(np.float32)[:, None, None]
-    ss_t32 = ss_t.astype(np.float32)[:, None, None]
-    var_d = var_s * ss_s + var_t * ss_t
-    sigma_d = np.sqrt(var_d)
-    # flux of a centred point source per unit of expected PSF-filtered SNR
-    flux_per_snr = sigma_d * np.sqrt(4.0 * np.pi) * sig_eff
+def _scene(rng, real, is_, obs, match, host_fraction, c0):
+    """Place a static source (both images) and a transient for every stamp.
 
-    # --- scene: a static source (both images) and a transient ------------------
-    # static source, in science coordinates; template offset = misalignment
-    st_flux = np.zeros(n)
+    Positions are in science-image canvas coordinates; the template's static
+    source is offset by the misalignment ``mis_y``, ``mis_x``. Returns a
+    namespace of arrays of shape (n,) that :func:`_render` draws. Each type's
+    helper fills in only the stamps of that type.
+    """
+    n = real.shape[0]
+    # drawn one after the other, in this order, for every stamp
     st_y = c0 + rng.uniform(-0.5, 0.5, n)
     st_x = c0 + rng.uniform(-0.5, 0.5, n)
-    gal_sy = np.zeros(n)
-    gal_sx = np.zeros(n)
-    mis_y = np.zeros(n)
-    mis_x = np.zeros(n)
-    tr_flux_s = np.zeros(n)
-    tr_flux_t = np.zeros(n)
     tr_y = c0 + rng.uniform(-0.5, 0.5, n)
     tr_x = c0 + rng.uniform(-0.5, 0.5, n)
-    injected = np.zeros(n)
+    scene = SimpleNamespace(
+        st_flux=np.zeros(n),
+        st_y=st_y,
+        st_x=st_x,
+        gal_sy=np.zeros(n),
+        gal_sx=np.zeros(n),
+        mis_y=np.zeros(n),
+        mis_x=np.zeros(n),
+        tr_flux_s=np.zeros(n),
+        tr_flux_t=np.zeros(n),
+        tr_y=tr_y,
+        tr_x=tr_x,
+        injected=np.zeros(n),
+    )
+    fps = match.flux_per_snr
+    scene.host = _place_real(rng, scene, real, fps, host_fraction, c0)
+    _place_dipoles(rng, scene, is_["dipole"], fps, match.sig_eff)
+    _place_bright_stars(rng, scene, is_["psf_mismatch"], fps)
+    _place_saturated_stars(rng, scene, is_["saturated_star"], obs, c0)
+    _place_negatives(rng, scene, is_["negative"], fps)
+    return scene
 
-    # real: point source; some on a host galaxy
-    nr_ = real.sum()
-    snr_real = _split_lognormal(rng, nr_, 12.4, 8.2, 50.0)
-    injected[real] = snr_real
-    tr_flux_s[real] = snr_real * flux_per_snr[real]
+
+def _place_real(rng, scene, real, flux_per_snr, host_fraction, c0):
+    """Real candidates: a point source, a share ``host_fraction`` on a galaxy.
+
+    Returns the boolean mask of the stamps given a host.
+    """
+    n = real.shape[0]
+    snr_real = _split_lognormal(rng, real.sum(), 12.4, 8.2, 50.0)
+    scene.injected[real] = snr_real
+    scene.tr_flux_s[real] = snr_real * flux_per_snr[real]
     host = real & (rng.random(n) < host_fraction)
     nh = host.sum()
     if nh:
         r = rng.uniform(0.0, 4.0, nh)
         a = rng.uniform(0, 2 * np.pi, nh)
-        st_y[host] = c0 + r * np.sin(a)
-        st_x[host] = c0 + r * np.cos(a)
-        gal_sy[host] = rng.uniform(0.8, 3.0, nh)
-        gal_sx[host] = rng.uniform(0.8, 3.0, nh)
-        st_flux[host] = rng.uniform(10, 150, nh) * flux_per_snr[host]
+        scene.st_y[host] = c0 + r * np.sin(a)
+        scene.st_x[host] = c0 + r * np.cos(a)
+        scene.gal_sy[host] = rng.uniform(0.8, 3.0, nh)
+        scene.gal_sx[host] = rng.uniform(0.8, 3.0, nh)
+        scene.st_flux[host] = rng.uniform(10, 150, nh) * flux_per_snr[host]
         # imperfect registration leaves a faint residual of the host
         r = rng.uniform(0.0, 0.3, nh)
         a = rng.uniform(0, 2 * np.pi, nh)
-        mis_y[host] = r * np.sin(a)
-        mis_x[host] = r * np.cos(a)
+        scene.mis_y[host] = r * np.sin(a)
+        scene.mis_x[host] = r * np.cos(a)
+    return host
 
-    # dipole: misaligned star or galaxy
-    d = is_["dipole"]
+
+def _place_dipoles(rng, scene, d, flux_per_snr, sig_eff):
+    """Dipoles: a star or galaxy whose template is misaligned by 0.3-1.5 px."""
     nd = d.sum()
-    if nd:
-        st_flux[d] = np.exp(rng.uniform(np.log(15), np.log(300), nd)) * flux_per_snr[d]
-        ext = rng.random(nd) < 0.4
-        gal_sy[d] = np.where(ext, rng.uniform(0.6, 2.0, nd), 0.0)
-        gal_sx[d] = np.where(ext, rng.uniform(0.6, 2.0, nd), 0.0)
-        r = rng.uniform(0.3, 1.5, nd)
-        a = rng.uniform(0, 2 * np.pi, nd)
-        mis_y[d] = r * np.sin(a)
-        mis_x[d] = r * np.cos(a)
-        # the candidate is the positive lobe, about one PSF sigma from the star
-        # on the side opposite to the template's offset
-        st_y[d] += sig_eff[d] * np.sin(a)
-        st_x[d] += sig_eff[d] * np.cos(a)
+    if not nd:
+        return
+    scene.st_flux[d] = (
+        np.exp(rng.uniform(np.log(15), np.log(300), nd)) * flux_per_snr[d]
+    )
+    ext = rng.random(nd) < 0.4
+    scene.gal_sy[d] = np.where(ext, rng.uniform(0.6, 2.0, nd), 0.0)
+    scene.gal_sx[d] = np.where(ext, rng.uniform(0.6, 2.0, nd), 0.0)
+    r = rng.uniform(0.3, 1.5, nd)
+    a = rng.uniform(0, 2 * np.pi, nd)
+    scene.mis_y[d] = r * np.sin(a)
+    scene.mis_x[d] = r * np.cos(a)
+    # the candidate is the positive lobe, about one PSF sigma from the star
+    # on the side opposite to the template's offset
+    scene.st_y[d] += sig_eff[d] * np.sin(a)
+    scene.st_x[d] += sig_eff[d] * np.cos(a)
 
-    # psf mismatch: bright star
-    nm = mism.sum()
+
+def _place_bright_stars(rng, scene, m, flux_per_snr):
+    """PSF mismatches: a bright star (subtracted with the wrong kernel)."""
+    nm = m.sum()
     if nm:
-        st_flux[mism] = (
-            np.exp(rng.uniform(np.log(40), np.log(600), nm)) * flux_per_snr[mism]
-        )
+        flux = np.exp(rng.uniform(np.log(40), np.log(600), nm))
+        scene.st_flux[m] = flux * flux_per_snr[m]
 
-    # saturated star: peak 1.5-8 x saturation in the science image
-    sat_m = is_["saturated_star"]
+
+def _place_saturated_stars(rng, scene, sat_m, obs, c0):
+    """Saturated stars: a peak of 1.5-8 x saturation in the science image."""
     nsat = sat_m.sum()
-    if nsat:
-        st_y[sat_m] = c0 + rng.uniform(-2, 2, nsat)
-        st_x[sat_m] = c0 + rng.uniform(-2, 2, nsat)
-        peak = np.exp(rng.uniform(np.log(1.5), np.log(8), nsat)) * sat[sat_m]
-        st_flux[sat_m] = peak * 2 * np.pi * sig_s[sat_m] ** 2
+    if not nsat:
+        return
+    scene.st_y[sat_m] = c0 + rng.uniform(-2, 2, nsat)
+    scene.st_x[sat_m] = c0 + rng.uniform(-2, 2, nsat)
+    peak = np.exp(rng.uniform(np.log(1.5), np.log(8), nsat)) * obs.sat[sat_m]
+    scene.st_flux[sat_m] = peak * 2 * np.pi * obs.sig_s[sat_m] ** 2
 
-    # negative: source in the template that has faded
-    neg = is_["negative"]
+
+def _place_negatives(rng, scene, neg, flux_per_snr):
+    """Negatives: a source in the template that has faded (SNR < -5)."""
     nn = neg.sum()
     if nn:
         snr_neg = _split_lognormal(rng, nn, 10.0, 5.5, 40.0)
-        injected[neg] = -snr_neg
-        tr_flux_t[neg] = snr_neg * flux_per_snr[neg]
+        scene.injected[neg] = -snr_neg
+        scene.tr_flux_t[neg] = snr_neg * flux_per_snr[neg]
 
-    # --- render (the template is rendered shifted by -shift - misalignment so
-    # that resampling brings it back onto the science grid) --------------------
-    def point(cy, cx, sy, sx):
+
+def _outer(fy, gy, gx):
+    """Images ``fy * gy[:, :, None] * gx[:, None, :]`` in float32, shape (n, a, b)."""
+    gy = (fy[:, None] * gy).astype(np.float32)
+    return gy[:, :, None] * gx.astype(np.float32)[:, None, :]
+
+
+def _render(rng, scene, obs, match, sat_m, grid):
+    """Noise-free science and template canvases, sky subtracted [ADU].
+
+    The template is rendered shifted by ``-shift - misalignment`` so that
+    resampling (in :func:`_psf_matching`'s kernels) brings it back onto the
+    science grid. Saturated stars also get bleed trails.
+    """
+    s, shift_y, shift_x = scene, match.shift_y, match.shift_x
+
+    def gauss(cy, cx, sy, sx):
         return _gauss1d(cy, sy, grid), _gauss1d(cx, sx, grid)
 
-    sy_, sx_ = point(
-        st_y, st_x, np.sqrt(gal_sy**2 + sig_s**2), np.sqrt(gal_sx**2 + sig_s**2)
+    sy_, sx_ = gauss(
+        s.st_y,
+        s.st_x,
+        np.sqrt(s.gal_sy**2 + obs.sig_s**2),
+        np.sqrt(s.gal_sx**2 + obs.sig_s**2),
     )
-    ty_, tx_ = point(
-        st_y + mis_y - shift_y,
-        st_x + mis_x - shift_x,
-        np.sqrt(gal_sy**2 + sig_t**2),
-        np.sqrt(gal_sx**2 + sig_t**2),
+    ty_, tx_ = gauss(
+        s.st_y + s.mis_y - shift_y,
+        s.st_x + s.mis_x - shift_x,
+        np.sqrt(s.gal_sy**2 + obs.sig_t**2),
+        np.sqrt(s.gal_sx**2 + obs.sig_t**2),
     )
-    py_s, px_s = point(tr_y, tr_x, sig_s, sig_s)
-    py_t, px_t = point(tr_y - shift_y, tr_x - shift_x, sig_t, sig_t)
+    py_s, px_s = gauss(s.tr_y, s.tr_x, obs.sig_s, obs.sig_s)
+    py_t, px_t = gauss(s.tr_y - shift_y, s.tr_x - shift_x, obs.sig_t, obs.sig_t)
+    sci = _outer(s.st_flux, sy_, sx_) + _outer(s.tr_flux_s, py_s, px_s)
+    tmp = _outer(s.st_flux, ty_, tx_) + _outer(s.tr_flux_t, py_t, px_t)
+    if sat_m.any():
+        _add_bleed_trails(rng, sci, tmp, np.flatnonzero(sat_m), scene, obs, match)
+    return sci, tmp
 
-    def outer(fy, gy, gx):
-        gy = (fy[:, None] * gy).astype(np.float32)
-        return gy[:, :, None] * gx.astype(np.float32)[:, None, :]
 
-    sci = outer(st_flux, sy_, sx_) + outer(tr_flux_s, py_s, px_s)
-    tmp = outer(st_flux, ty_, tx_) + outer(tr_flux_t, py_t, px_t)
+def _add_bleed_trails(rng, sci, tmp, idx, scene, obs, match):
+    """Bleed trails along the columns through the saturated stars ``idx``."""
+    size = match.size
+    grid = np.arange(size, dtype=np.float64)
+    st_y, st_x = scene.st_y[idx], scene.st_x[idx]
+    for img, cy, cx, frac in (
+        (sci, st_y, st_x, 1.0),
+        (tmp, st_y - match.shift_y[idx], st_x - match.shift_x[idx], 0.6),
+    ):
+        half = frac * rng.uniform(2, size / 2, idx.size)
+        rows = np.abs(grid[None, :] - cy[:, None]) <= half[:, None]
+        col = np.rint(cx).astype(int) % size
+        trail = rows * (1.2 * obs.sat[idx])[:, None]
+        img[idx, :, col] += trail
+        col2 = (col + rng.choice([-1, 1], idx.size)) % size
+        img[idx, :, col2] += trail * rng.uniform(0, 0.8, idx.size)[:, None]
 
-    # bleed trails along columns through the saturated star
-    if nsat:
-        idx = np.flatnonzero(sat_m)
-        for img, cy, cx, frac in (
-            (sci, st_y[idx], st_x[idx], 1.0),
-            (tmp, st_y[idx] - shift_y[idx], st_x[idx] - shift_x[idx], 0.6),
-        ):
-            half = frac * rng.uniform(2, size / 2, nsat)
-            rows = np.abs(grid[None, :] - cy[:, None]) <= half[:, None]
-            col = np.rint(cx).astype(int) % size
-            trail = rows * (1.2 * sat[idx])[:, None]
-            img[idx, :, col] += trail
-            col2 = (col + rng.choice([-1, 1], nsat)) % size
-            img[idx, :, col2] += trail * rng.uniform(0, 0.8, nsat)[:, None]
 
-    # --- noise: Poisson (Gaussian approximation) + read noise -------------------
-    def variance(img, sky):  # [ADU^2]; sources are >= 0 so no clipping needed
-        inv_gain = (1.0 / gain).astype(np.float32)[:, None, None]
-        return (
-            img * inv_gain + (sky / gain + rn_adu**2).astype(np.float32)[:, None, None]
-        )
+def _add_noise(rng, sci, tmp, obs):
+    """Add Poisson (Gaussian approximation) and read noise, then saturate.
 
-    sci_var = variance(sci, sky_s)
-    tmp_var = variance(tmp, sky_t)
-    shape = (n, size, size)
-    sci += np.sqrt(sci_var) * rng.standard_normal(shape, dtype=np.float32)
-    tmp += np.sqrt(tmp_var) * rng.standard_normal(shape, dtype=np.float32)
-    np.minimum(sci, (sat - sky_s)[:, None, None], out=sci)
-    np.minimum(tmp, (sat - sky_t)[:, None, None], out=tmp)
+    Modifies ``sci`` and ``tmp`` in place and returns their variance maps
+    [ADU^2]; sources are >= 0, so the variance needs no clipping.
+    """
+    inv_gain = (1.0 / obs.gain).astype(np.float32)[:, None, None]
+    bg_s = (obs.sky_s / obs.gain + obs.rn_adu**2).astype(np.float32)[:, None, None]
+    bg_t = (obs.sky_t / obs.gain + obs.rn_adu**2).astype(np.float32)[:, None, None]
+    sci_var = sci * inv_gain + bg_s
+    tmp_var = tmp * inv_gain + bg_t
+    sci += np.sqrt(sci_var) * rng.standard_normal(sci.shape, dtype=np.float32)
+    tmp += np.sqrt(tmp_var) * rng.standard_normal(tmp.shape, dtype=np.float32)
+    np.minimum(sci, (obs.sat - obs.sky_s)[:, None, None], out=sci)
+    np.minimum(tmp, (obs.sat - obs.sky_t)[:, None, None], out=tmp)
+    return sci_var, tmp_var
 
-    # --- detector artefacts, added after the noise -----------------------------
-    ic = int(c0)
-    amp_unit = np.sqrt(var_s)
+
+def _add_detector_artefacts(rng, sci, tmp, is_, amp_unit, ic, grid):
+    """Cosmic rays, hot pixels and bad columns, added after the noise.
+
+    ``amp_unit`` (the science background noise) scales their amplitudes;
+    ``ic`` is the canvas index of the stamp's central pixel.
+    """
     cr = np.flatnonzero(is_["cosmic_ray"])
     if cr.size:
         length = rng.uniform(0, 4, cr.size)
@@ -553,78 +685,99 @@ def _simulate(rng, kind, stamp_size, host_fraction, dest):
     if hp.size:
         in_sci = rng.random(hp.size) < 0.8
         amp = np.exp(rng.uniform(np.log(6), np.log(200), hp.size)) * amp_unit[hp]
-        img_idx = hp[in_sci]
-        sci[img_idx, ic, ic] += amp[in_sci]
-        img_idx = hp[~in_sci]
-        tmp[img_idx, ic, ic] -= amp[~in_sci]  # a dead template pixel looks positive
+        sci[hp[in_sci], ic, ic] += amp[in_sci]
+        tmp[hp[~in_sci], ic, ic] -= amp[~in_sci]  # a dead template pixel looks positive
     bc = np.flatnonzero(is_["bad_column"])
     if bc.size:
         in_sci = rng.random(bc.size) < 0.7
         col = ic + rng.integers(-1, 2, bc.size)
         amp = rng.uniform(2.0, 15.0, bc.size) * amp_unit[bc]
-        start = rng.integers(0, size // 2, bc.size)
-        rows = grid[None, :] >= start[:, None]
-        prof = rows * amp[:, None]
-        s_idx, t_idx = in_sci, ~in_sci
-        sci[bc[s_idx], :, col[s_idx]] += prof[s_idx]
-        tmp[bc[t_idx], :, col[t_idx]] -= prof[t_idx]
+        start = rng.integers(0, grid.size // 2, bc.size)
+        prof = (grid[None, :] >= start[:, None]) * amp[:, None]
+        sci[bc[in_sci], :, col[in_sci]] += prof[in_sci]
+        tmp[bc[~in_sci], :, col[~in_sci]] -= prof[~in_sci]
 
-    # --- resample the template, match PSFs, subtract ---------------------------
-    sci_hat = sfft.rfft2(sci)
-    tmp_hat = sfft.rfft2(tmp)
+
+def _subtract(sci, tmp, match):
+    """Resample the template, match PSFs and subtract, in Fourier space.
+
+    Returns the difference canvas and the 2-D half-spectrum kernels ``h_s``,
+    ``h_t`` (complex64) applied to the science image and the template.
+    """
+    size = match.size
+    nr = size // 2 + 1
     c64 = np.complex64
-    h_s = hs_y.astype(c64)[:, :, None] * hs_x[:, None, :nr].astype(c64)
-    h_t = ht_y.astype(c64)[:, :, None] * ht_x[:, None, :nr].astype(c64)
-    diff = sfft.irfft2(sci_hat * h_s - tmp_hat * h_t, s=(size, size))
+    h_s = match.hs_y.astype(c64)[:, :, None] * match.hs_x[:, None, :nr].astype(c64)
+    h_t = match.ht_y.astype(c64)[:, :, None] * match.ht_x[:, None, :nr].astype(c64)
+    diff = sfft.irfft2(sfft.rfft2(sci) * h_s - sfft.rfft2(tmp) * h_t, s=(size, size))
+    return diff, h_s, h_t
 
-    crop = (slice(None), slice(lo, lo + stamp_size), slice(lo, lo + stamp_size))
-    # per-pixel variance of the difference: local approximation of the
-    # convolved variance maps (background plus source Poisson noise)
-    var_map = sci_var[crop] * ss_s32 + tmp_var[crop] * ss_t32
 
-    # PSF-weighted SNR at the stamp centre (pipelines ignore the correlation)
+def _centre_snr(diff, var_map, sig_eff):
+    """PSF-weighted (optimal-aperture) SNR at the stamp centre, and its weights.
+
+    Pipelines ignore the noise correlation in this measure, so it does too.
+    ``diff`` and ``var_map`` are cropped stamps of shape (n, s, s).
+    """
+    n, stamp_size = diff.shape[0], diff.shape[1]
     sgrid = np.arange(stamp_size, dtype=np.float64)
     centre = np.full(n, float(stamp_size // 2))
     g = _gauss1d(centre, sig_eff, sgrid)
-    psf = outer(np.ones(n), g, g)
+    psf = _outer(np.ones(n), g, g)
     norm = np.sqrt((var_map * psf**2).sum(axis=(1, 2), dtype=np.float64))
     weight = psf * (1.0 / norm).astype(np.float32)[:, None, None]
-    snr = (diff[crop] * weight).sum(axis=(1, 2), dtype=np.float64)
+    snr = (diff * weight).sum(axis=(1, 2), dtype=np.float64)
+    return snr, weight
 
-    # noise peaks: condition the background noise on a PSF-filtered SNR of 5-9
-    npk = np.flatnonzero(is_["noise_peak"])
-    if npk.size:
-        target = 5.0 + rng.exponential(2.5, npk.size)
-        w = np.zeros((npk.size, size, size))
-        w[crop] = weight[npk]
-        power = var_s[npk, None, None] * np.abs(h_s[npk]) ** 2
-        power += var_t[npk, None, None] * np.abs(h_t[npk]) ** 2
-        cw = sfft.irfft2(sfft.rfft2(w) * power, s=(size, size))
-        wcw = (w * cw).sum(axis=(1, 2))
-        diff[npk] += ((target - snr[npk]) / wcw)[:, None, None] * cw
-        snr[npk] = target
 
-    diff = diff[crop]
+def _condition_noise_peaks(rng, npk, diff, snr, weight, obs, h_s, h_t, crop):
+    """Condition the background noise of stamps ``npk`` on an SNR of 5-9.
+
+    Adds to ``diff`` (canvas) the conditional mean shift of a Gaussian field
+    given its PSF-filtered value, using the field's power spectrum; updates
+    ``snr`` in place.
+    """
+    if not npk.size:
+        return
+    size = diff.shape[-1]
+    target = 5.0 + rng.exponential(2.5, npk.size)
+    w = np.zeros((npk.size, size, size))
+    w[crop] = weight[npk]
+    power = obs.var_s[npk, None, None] * np.abs(h_s[npk]) ** 2
+    power += obs.var_t[npk, None, None] * np.abs(h_t[npk]) ** 2
+    cw = sfft.irfft2(sfft.rfft2(w) * power, s=(size, size))
+    wcw = (w * cw).sum(axis=(1, 2))
+    diff[npk] += ((target - snr[npk]) / wcw)[:, None, None] * cw
+    snr[npk] = target
+
+
+def _write_chunk(dest, diff, sci, tmp, var_map, snr, lo, obs, match, scene):
+    """Write a chunk's stamps and per-stamp values into the arrays of ``dest``.
+
+    ``diff`` and ``var_map`` are cropped; ``var_map`` is overwritten.
+    """
+    stamp_size = diff.shape[-1]
     dest["difference"][...] = diff
-    # resampled template (linear interpolation, as in the kernel ``r``), in
-    # real space on the crop only: cheaper than another inverse FFT
-    wy = shift_y.astype(np.float32)[:, None, None]
-    wx = shift_x.astype(np.float32)[:, None, None]
+    # resampled template (linear interpolation, as in the kernels of
+    # _periodic_kernel_fft), in real space on the crop only: cheaper than
+    # another inverse FFT
+    wy = match.shift_y.astype(np.float32)[:, None, None]
+    wx = match.shift_x.astype(np.float32)[:, None, None]
     rows, rows_up = slice(lo, lo + stamp_size), slice(lo - 1, lo + stamp_size - 1)
     cols, cols_left = rows, rows_up
     tmp_rs = (1 - wy) * ((1 - wx) * tmp[:, rows, cols] + wx * tmp[:, rows, cols_left])
     tmp_rs += wy * ((1 - wx) * tmp[:, rows_up, cols] + wx * tmp[:, rows_up, cols_left])
-    np.add(tmp_rs, sky_t.astype(np.float32)[:, None, None], out=dest["template"])
-    np.add(sci[crop], sky_s.astype(np.float32)[:, None, None], out=dest["science"])
+    sky_t, sky_s = obs.sky_t.astype(np.float32), obs.sky_s.astype(np.float32)
+    np.add(tmp_rs, sky_t[:, None, None], out=dest["template"])
+    np.add(sci[:, rows, cols], sky_s[:, None, None], out=dest["science"])
     np.sqrt(var_map, out=var_map)
     np.divide(diff, var_map, out=dest["snr_image"])
-    np.multiply(
-        diff, (1.0 / sigma_d).astype(np.float32)[:, None, None], out=dest["data"]
-    )
+    inv_sigma = (1.0 / match.sigma_d).astype(np.float32)
+    np.multiply(diff, inv_sigma[:, None, None], out=dest["data"])
     dest["snr"][...] = snr
-    dest["injected_snr"][...] = injected
-    dest["seeing"][...] = fwhm_s
-    dest["template_seeing"][...] = fwhm_t
-    dest["sky"][...] = sky_s
-    dest["noise_sigma"][...] = sigma_d
-    dest["has_host"][...] = host | (st_flux > 0)
+    dest["injected_snr"][...] = scene.injected
+    dest["seeing"][...] = obs.fwhm_s
+    dest["template_seeing"][...] = obs.fwhm_t
+    dest["sky"][...] = obs.sky_s
+    dest["noise_sigma"][...] = match.sigma_d
+    dest["has_host"][...] = scene.host | (scene.st_flux > 0)
