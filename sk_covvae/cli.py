@@ -10,7 +10,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -203,61 +202,38 @@ def _settings(args):
 
 
 def _hardware():
-    import torch
+    """Where the run was made: :func:`sk_covvae._show_versions.provenance`.
 
+    The first keys are the ones the report quotes; the rest of the
+    provenance follows them.
+    """
+    from sk_covvae._show_versions import provenance
+
+    prov = provenance()
     info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "platform": prov["platform"],
+        "processor": prov["processor"] or prov["machine"],
+        "cpu_count": prov["cpu_count"],
+        "torch_threads": prov["torch_threads"],
+        "torch": prov["torch"],
+        "python": prov["python"],
     }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    info["sk_covvae"] = _source_version()
+    if prov["cuda_devices"]:
+        info["gpu"] = prov["cuda_devices"][0]
+    info["sk_covvae"] = _source_version(prov)
     try:
         info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
+    info.update({k: v for k, v in prov.items() if k not in info})
     return info
 
 
-def _source_version():
+def _source_version(info):
     """Package version, plus the git commit when run from a checkout."""
-    import subprocess
+    from sk_covvae._show_versions import describe_source
 
-    import sk_covvae
-
-    version = sk_covvae.__version__
-    root = Path(sk_covvae.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(root),
-                "status",
-                "--porcelain",
-                "-uno",
-                "--",
-                "sk_covvae",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return version
-    if commit:
-        version += f" (git {commit}{', modified' if dirty else ''})"
-    return version
+    return describe_source(info)
 
 
 def _log(message):
@@ -423,21 +399,18 @@ def _fmt(cell, spec):
 
 
 def _table(rows, columns):
-    head = "| " + " | ".join(c[0] for c in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [head, rule]
-    for row in rows:
-        cells = []
-        for title, key, spec in columns:
-            value = row.get(key)
-            if isinstance(value, dict):
-                cells.append(_fmt(value, spec))
-            elif value is None:
-                cells.append("–")
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from sk_covvae._show_versions import markdown_table
+
+    def cell(spec):
+        # summary cells are {mean, std, n}; the rest (names, sizes) as they are
+        def write(value):
+            return _fmt(value, spec) if isinstance(value, dict) else str(value)
+
+        return write
+
+    return markdown_table(
+        rows, [(title, key, cell(spec)) for title, key, spec in columns]
+    )
 
 
 def _report(document, figures):
