@@ -53,3 +53,38 @@ def test_tiny_run_writes_finite_json(bench, tmp_path):
             assert all(math.isfinite(x) for x in numbers), (name, row)
         assert all(math.isfinite(x) for x in _numbers(section)), name
     assert "log_prob" in bench.format_table(results)
+
+
+def test_defaults_come_from_the_estimator(bench):
+    from sk_covvae import CovarianceVAE
+
+    config = bench.full_config()
+    assert config.train_batch == config.fit_batch == CovarianceVAE().batch_size
+
+
+def test_table_of_recorded_run(bench, capsys):
+    path = sorted((RUN_PY.parent / "results").glob("*.json"))[0]
+    recorded = bench.main(["--table", str(path)])
+    lines = capsys.readouterr().out.splitlines()
+    n_rows = sum(len(s["rows"]) for s in recorded["sections"].values())
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0].startswith("| line | measured | reference |")
+    assert len(table) == n_rows + 2  # header, delimiter row, one line per row
+
+
+def test_simulator_line(bench, monkeypatch):
+    from benchmarks import bench_datasets
+
+    result = {
+        "stamps_per_s": 12_000.0,
+        "stamps_per_s_median": 11_000.0,
+        "target_stamps_per_s": 10_000,
+        "stamp_size": 21,
+        "threads": 1,
+    }
+    monkeypatch.setattr(bench_datasets, "bench_simulator", lambda quick: result)
+    section = bench_datasets.bench_simulator_section(bench.tiny_config(), "cpu")
+    (row,) = section["rows"]
+    assert row["pass"] and row["ratio"] == 1.1 and row["ratio_best"] == 1.2
+    table = bench.format_table({"sections": {"simulator": section}}, markdown=True)
+    assert "| [simulator] make_difference_stamps 21px, 1 thread(s) | 11,000 |" in table
