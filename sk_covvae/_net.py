@@ -84,7 +84,7 @@ def _decoder_log_prob(module, z, x, dtype):
     mid-vector (thread counts other than powers of two) may round their last
     bit differently, ~1e-7 relative on one pixel's term.
     """
-    return module.decode(z)._log_prob(x, sum_dtype=dtype)
+    return module.decode(z).log_prob(x, sum_dtype=dtype)
 
 
 def log_likelihood_bound(module, x_flat, eps, dtype=torch.float64):

@@ -39,6 +39,7 @@ import math
 
 import torch
 from torch.distributions import Distribution, constraints
+from torch.distributions.utils import lazy_property
 
 __all__ = [
     "BandedPrecisionNormal",
@@ -296,7 +297,177 @@ def _dense_factor(
     return L
 
 
-class BandedPrecisionNormal(Distribution):
+def _broadcastable(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts against ``target`` (torch's rule)."""
+    return all(
+        i == j or i == 1 or j == 1 for i, j in zip(reversed(shape), reversed(target))
+    )
+
+
+def _common_shape(loc: torch.Tensor, shapes: dict) -> torch.Size:
+    """Broadcast shape of the parameters, whose last two dimensions are loc's.
+
+    ``shapes`` maps each parameter's name to its shape. A mismatch raises a
+    ``ValueError`` naming every shape, where broadcasting would raise a
+    ``RuntimeError`` naming none or, worse, succeed with another image shape.
+    """
+    try:
+        shape = torch.broadcast_shapes(*shapes.values())
+    except RuntimeError:
+        shape = None
+    if shape is None or shape[-2:] != loc.shape[-2:]:
+        got = ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
+        raise ValueError(
+            "The parameters must broadcast to one shape (..., H, W) with the "
+            f"image shape (H, W) = {tuple(loc.shape[-2:])} of loc; got shapes "
+            f"{got}."
+        )
+    return shape
+
+
+class _PrecisionFactorNormal(Distribution):
+    r"""What Gaussians over images with a precision factor ``L`` share.
+
+    Subclasses set ``loc`` and ``log_diag`` (of the full batch and event
+    shape) and define ``_whiten`` (:math:`L^\top (x - \mu)`, shapes
+    checked), :meth:`reparameterize`, ``_dense_factor`` and
+    ``_has_couplings``. Dense matrices are lazy properties, computed on first
+    access and then stored on the instance, as in :mod:`torch.distributions`.
+    """
+
+    support = _REAL_IMAGES
+    has_rsample = True
+
+    def _check_argument(self, name, value):
+        """Validate ``value`` as parameter ``name``, with torch's message."""
+        constraint = self.arg_constraints[name]
+        if not bool(constraint.check(value).all()):
+            raise ValueError(
+                f"Expected parameter {name} "
+                f"({type(value).__name__} of shape {tuple(value.shape)}) "
+                f"of distribution {self!r} "
+                f"to satisfy the constraint {constraint!r}, "
+                f"but found invalid values:\n{value}"
+            )
+
+    def _check_value_shape(self, value, name="value"):
+        """Raise a ``ValueError`` unless ``value`` is images that broadcast."""
+        shape = self.batch_shape + self.event_shape
+        if value.shape[-2:] != self.event_shape or not _broadcastable(
+            value.shape, shape
+        ):
+            raise ValueError(
+                f"{name} must have shape (..., {', '.join(map(str, shape))}), "
+                "its leading dimensions broadcastable with the batch shape "
+                f"{tuple(self.batch_shape)}; got shape {tuple(value.shape)}."
+            )
+
+    def _expand_cached(self, new, batch_shape):
+        """Give ``new`` views of the lazy properties ``self`` has computed."""
+        n = len(self.batch_shape)
+        for name, value in vars(self).items():
+            if isinstance(getattr(type(self), name, None), lazy_property):
+                setattr(new, name, value.expand(batch_shape + value.shape[n:]))
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @property
+    def mode(self):
+        return self.loc
+
+    @lazy_property
+    def variance(self):
+        """Marginal variances, shape (..., H, W).
+
+        Exact and cheap without couplings; otherwise the diagonal of the dense
+        :attr:`covariance_matrix` (small images only).
+        """
+        if not self._has_couplings:
+            return torch.exp(-2.0 * self.log_diag)
+        return torch.diagonal(self.covariance_matrix, dim1=-2, dim2=-1).reshape(
+            self.loc.shape
+        )
+
+    @lazy_property
+    def precision_factor(self):
+        """Dense lower-triangular factor ``L``, shape (..., D, D)."""
+        return self._dense_factor()
+
+    @lazy_property
+    def precision_matrix(self):
+        """Dense precision ``L @ L.mT``, shape (..., D, D)."""
+        L = self.precision_factor
+        return L @ L.mT
+
+    @lazy_property
+    def covariance_matrix(self):
+        """Dense covariance, the inverse of the precision, shape (..., D, D)."""
+        # Sigma = L^-T L^-1, from the inverse of the triangular factor.
+        L = self.precision_factor
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+        L_inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+        return L_inv.mT @ L_inv
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.reparameterize(eps)
+
+    def log_prob(self, value, *, sum_dtype=None):
+        r"""Log-density of images ``value``.
+
+        :math:`-\tfrac{D}{2}\log 2\pi + \sum_i \mathrm{log\_diag}_i -
+        \tfrac12 \lVert L^\top (x - \mu) \rVert^2`, in O(H * W) per image.
+
+        Parameters
+        ----------
+        value : torch.Tensor of shape (..., H, W)
+            Images; the leading dimensions broadcast with :attr:`batch_shape`.
+        sum_dtype : torch.dtype, optional
+            Dtype of the two per-image sums (of ``log_diag`` and of the
+            squared whitened residual) and of the result; ``None``: the dtype
+            of the parameters. With float32 parameters, ``torch.float64``
+            keeps sums over many pixels from losing digits, at a fraction of
+            the cost of float64 throughout (``CovarianceVAE`` scores so).
+
+        Returns
+        -------
+        torch.Tensor of the broadcast batch shape
+        """
+        self._check_value_shape(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        u = self._whiten(value)
+        D = self.event_shape.numel()
+        return (
+            -0.5 * D * _LOG_2PI
+            + self.log_diag.sum((-2, -1), dtype=sum_dtype)
+            - 0.5 * u.pow(2).sum((-2, -1), dtype=sum_dtype)
+        )
+
+    def entropy(self):
+        D = self.event_shape.numel()
+        return 0.5 * D * (1.0 + _LOG_2PI) - self.log_diag.sum((-2, -1))
+
+    def whiten(self, value):
+        r"""Return :math:`L^\top (x - \mu)`, standard normal noise under the model.
+
+        Parameters
+        ----------
+        value : torch.Tensor of shape (..., H, W)
+            Images; the leading dimensions broadcast with :attr:`batch_shape`.
+
+        Returns
+        -------
+        torch.Tensor of the broadcast shape
+        """
+        self._check_value_shape(value)
+        return self._whiten(value)
+
+
+class BandedPrecisionNormal(_PrecisionFactorNormal):
     r"""Gaussian over images whose precision has a banded Cholesky factor.
 
     The precision is :math:`\Lambda = L L^\top` with ``L`` lower triangular,
@@ -318,7 +489,8 @@ class BandedPrecisionNormal(Distribution):
         Coupling of each pixel to the pixel below. Entries in the last row
         are ignored. ``None`` means zero.
     validate_args : bool, optional
-        Passed to :class:`torch.distributions.Distribution`.
+        Passed to :class:`torch.distributions.Distribution`. The couplings
+        are checked as passed (relative ones too), boundary entries aside.
     relative : bool, default=False
         If True, ``right`` and ``down`` are given relative to the diagonal:
         ``L[i + 1, i] = exp(log_diag[i]) * right[i]``, and likewise for
@@ -329,10 +501,26 @@ class BandedPrecisionNormal(Distribution):
 
     Attributes
     ----------
+    right, down : torch.Tensor of shape (..., H, W)
+        Absolute couplings, zero on the ignored boundary entries.
+    precision_factor : torch.Tensor of shape (..., D, D)
+        Dense ``L``; for small images and plots.
     precision_matrix : torch.Tensor of shape (..., D, D)
-        Dense ``L @ L.mT``, computed on access; for small images and plots.
+        Dense ``L @ L.mT``.
     covariance_matrix : torch.Tensor of shape (..., D, D)
-        Dense inverse of the precision, computed on access.
+        Dense inverse of the precision.
+    variance : torch.Tensor of shape (..., H, W)
+        Marginal variances (from the dense covariance when coupled).
+
+    These are computed on first access and then kept, as in
+    :mod:`torch.distributions`; the dense ones need O(D^2) memory and the
+    covariance O(D^3) time.
+
+    Raises
+    ------
+    ValueError
+        If the parameters do not broadcast to one shape with the image shape
+        of ``loc``, or, when validating, if one holds NaN.
 
     See Also
     --------
@@ -356,6 +544,8 @@ class BandedPrecisionNormal(Distribution):
     (torch.Size([2]), torch.Size([3, 4]))
     >>> d.log_prob(torch.zeros(2, 3, 4)).shape
     torch.Size([2])
+    >>> d.log_prob(torch.zeros(2, 3, 4), sum_dtype=torch.float64).dtype
+    torch.float64
     >>> d.rsample((5,)).shape
     torch.Size([5, 2, 3, 4])
     >>> d.precision_matrix.shape
@@ -368,8 +558,6 @@ class BandedPrecisionNormal(Distribution):
         "right": _REAL_IMAGES,
         "down": _REAL_IMAGES,
     }
-    support = _REAL_IMAGES
-    has_rsample = True
 
     def __init__(
         self,
@@ -386,6 +574,10 @@ class BandedPrecisionNormal(Distribution):
                 "loc must have at least 2 dimensions (..., H, W), "
                 f"got shape {tuple(loc.shape)}."
             )
+        given = {"loc": loc, "log_diag": log_diag, "right": right, "down": down}
+        _common_shape(
+            loc, {name: t.shape for name, t in given.items() if t is not None}
+        )
         self._banded = right is not None or down is not None
         zero = torch.zeros((), dtype=loc.dtype, device=loc.device)
         right = zero if right is None else right
@@ -394,15 +586,21 @@ class BandedPrecisionNormal(Distribution):
         self.loc = loc
         self.log_diag = log_diag
         # Kept as given: log_prob never reads the boundary entries, and the
-        # properties ``right`` and ``down`` mask them on access.
+        # lazy properties ``right`` and ``down`` mask them.
         self._right = right
         self._down = down
         self._relative = bool(relative) and self._banded
+        # torch validates loc and log_diag, and skips the lazy right and down:
+        # those derive from log_diag when relative (inf * 0 where the diagonal
+        # overflows), so the couplings are checked as passed instead.
         super().__init__(
             batch_shape=loc.shape[:-2],
             event_shape=loc.shape[-2:],
             validate_args=validate_args,
         )
+        if self._validate_args and self._banded:
+            self._check_argument("right", _mask_boundary(self._right, -1))
+            self._check_argument("down", _mask_boundary(self._down, -2))
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(BandedPrecisionNormal, _instance)
@@ -414,79 +612,40 @@ class BandedPrecisionNormal(Distribution):
         new._down = self._down.expand(shape)
         new._banded = self._banded
         new._relative = self._relative
+        self._expand_cached(new, batch_shape)
         super(BandedPrecisionNormal, new).__init__(
             batch_shape, self.event_shape, validate_args=False
         )
         new._validate_args = self._validate_args
         return new
 
+    @property
+    def _has_couplings(self):
+        return self._banded
+
     def _absolute(self, coupling, dim):
         if not self._banded:
             return coupling
         if self._relative:
-            coupling = self.log_diag.exp() * coupling
+            # Masked before the product too: a NaN boundary entry would
+            # otherwise make the gradient of log_diag NaN (0 * NaN).
+            coupling = self.log_diag.exp() * _mask_boundary(coupling, dim)
         return _mask_boundary(coupling, dim)
 
-    @property
+    @lazy_property
     def right(self):
         """Couplings ``L[i + 1, i]`` to the right neighbour, 0 in the last column."""
         return self._absolute(self._right, -1)
 
-    @property
+    @lazy_property
     def down(self):
         """Couplings ``L[i + W, i]`` to the neighbour below, 0 in the last row."""
         return self._absolute(self._down, -2)
 
-    @property
-    def mean(self):
-        return self.loc
-
-    @property
-    def mode(self):
-        return self.loc
-
-    @property
-    def variance(self):
-        """Marginal variances, shape (..., H, W).
-
-        Exact and cheap when ``right`` and ``down`` are ``None``; otherwise the
-        diagonal of the dense :attr:`covariance_matrix` (small images only).
-        """
-        if not self._banded:
-            return torch.exp(-2.0 * self.log_diag)
-        return torch.diagonal(self.covariance_matrix, dim1=-2, dim2=-1).reshape(
-            self.loc.shape
-        )
-
-    @property
-    def precision_factor(self):
-        """Dense lower-triangular factor ``L``, shape (..., D, D)."""
+    def _dense_factor(self):
         return _dense_factor(self.log_diag, self.right, self.down)
 
-    @property
-    def precision_matrix(self):
-        L = self.precision_factor
-        return L @ L.mT
-
-    @property
-    def covariance_matrix(self):
-        # Sigma = L^-T L^-1, from the inverse of the triangular factor.
-        L = self.precision_factor
-        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-        L_inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-        return L_inv.mT @ L_inv
-
-    def whiten(self, value):
-        r"""Return :math:`L^\top (x - \mu)`, standard normal noise under the model.
-
-        Parameters
-        ----------
-        value : torch.Tensor of shape (..., H, W)
-
-        Returns
-        -------
-        torch.Tensor of the broadcast shape
-        """
+    def _whiten(self, value):
         e = value - self.loc
         if not self._banded:
             return self.log_diag.exp() * e
@@ -504,46 +663,18 @@ class BandedPrecisionNormal(Distribution):
         ----------
         eps : torch.Tensor of shape (..., H, W)
             Noise whose trailing dimensions match :attr:`batch_shape` +
-            :attr:`event_shape`.
+            :attr:`event_shape` (or broadcast with it).
 
         Returns
         -------
-        torch.Tensor of the same shape as ``eps``
+        torch.Tensor of the broadcast shape
         """
-        shape = eps.shape
+        self._check_value_shape(eps, "eps")
         if not self._banded:
             return self.loc + torch.exp(-self.log_diag) * eps
+        shape = torch.broadcast_shapes(eps.shape, self.loc.shape)
         params = [t.expand(shape) for t in (self.log_diag, self.right, self.down)]
-        return self.loc + _solve_factor_t(eps, *params)
-
-    def rsample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
-        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.reparameterize(eps)
-
-    def log_prob(self, value):
-        return self._log_prob(value)
-
-    def _log_prob(self, value, sum_dtype=None):
-        """``log_prob`` with its two per-image sums, and result, in ``sum_dtype``.
-
-        ``CovarianceVAE`` scores with float32 maps and float64 sums: the sums
-        then lose nothing to rounding, at a fraction of the cost of float64
-        maps.
-        """
-        if self._validate_args:
-            self._validate_sample(value)
-        u = self.whiten(value)
-        D = self.event_shape.numel()
-        return (
-            -0.5 * D * _LOG_2PI
-            + self.log_diag.sum((-2, -1), dtype=sum_dtype)
-            - 0.5 * u.pow(2).sum((-2, -1), dtype=sum_dtype)
-        )
-
-    def entropy(self):
-        D = self.event_shape.numel()
-        return 0.5 * D * (1.0 + _LOG_2PI) - self.log_diag.sum((-2, -1))
+        return self.loc + _solve_factor_t(eps.expand(shape), *params)
 
 
 class DiagonalPrecisionNormal(BandedPrecisionNormal):
@@ -571,6 +702,10 @@ class DiagonalPrecisionNormal(BandedPrecisionNormal):
     def __init__(self, loc, log_diag, validate_args=None):
         super().__init__(loc, log_diag, None, None, validate_args=validate_args)
 
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiagonalPrecisionNormal, _instance)
+        return super().expand(batch_shape, _instance=new)
+
 
 class SphericalPrecisionNormal(BandedPrecisionNormal):
     r"""One scale ``exp(-log_diag)`` shared by every pixel of an image.
@@ -597,6 +732,10 @@ class SphericalPrecisionNormal(BandedPrecisionNormal):
         super().__init__(
             loc, log_diag[..., None, None], None, None, validate_args=validate_args
         )
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(SphericalPrecisionNormal, _instance)
+        return super().expand(batch_shape, _instance=new)
 
 
 def constrain_banded_parameters(

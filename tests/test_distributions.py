@@ -426,3 +426,127 @@ def test_validation_rejects_nan_parameters_and_values_like_torch():
     assert d.log_prob(x).shape == (2,)
     # Validation off: no check at all.
     BandedPrecisionNormal(loc, bad, right, down, validate_args=False)
+
+
+def test_relative_validation_checks_the_couplings_as_given():
+    # A huge diagonal with zero relative coupling is a valid distribution;
+    # the derived absolute coupling inf * 0 = nan must not make it invalid.
+    shape = (2, 3, 4)
+    zeros = torch.zeros(shape, dtype=torch.float64)
+    log_diag = torch.full(shape, 1e3, dtype=torch.float64)
+    d = BandedPrecisionNormal(
+        zeros, log_diag, zeros, zeros, validate_args=True, relative=True
+    )
+    assert d.batch_shape == (2,)
+    # A nan inside the image is still an invalid argument, named as passed...
+    bad = torch.full(shape, 0.1, dtype=torch.float64)
+    bad[0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="parameter down"):
+        BandedPrecisionNormal(
+            zeros, zeros, zeros, bad, validate_args=True, relative=True
+        )
+    # ... and one in an ignored boundary entry is none.
+    bad = torch.full(shape, 0.1, dtype=torch.float64)
+    bad[..., -1, :] = float("nan")
+    BandedPrecisionNormal(zeros, zeros, zeros, bad, validate_args=True, relative=True)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_nan_boundary_couplings_leave_every_gradient_finite(relative):
+    loc, log_diag, right, down = (
+        t.requires_grad_() for t in _random_params((3, 4), seed=8)
+    )
+    right_nan = torch.where(
+        torch.arange(4) == 3, torch.tensor(float("nan"), dtype=torch.float64), right
+    )
+    d = BandedPrecisionNormal(loc, log_diag, right_nan, down, relative=relative)
+    torch.manual_seed(0)
+    loss = d.rsample((2,)).sum() + d.precision_matrix.sum() + d.variance.sum()
+    for g in torch.autograd.grad(loss, [loc, log_diag, right, down]):
+        assert torch.isfinite(g).all()
+
+
+DENSE = ["precision_factor", "precision_matrix", "covariance_matrix", "variance"]
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_dense_matrices_are_computed_once(name):
+    d = BandedPrecisionNormal(*_random_params((3, 4)))
+    assert name not in vars(d)
+    assert getattr(d, name) is getattr(d, name)
+    assert name in vars(d)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_expand_keeps_dense_matrices_consistent(cached):
+    d = BandedPrecisionNormal(*_random_params((2, 3), batch=(1,)))
+    if cached:
+        values = {name: getattr(d, name) for name in DENSE}
+    e = d.expand((3,))
+    fresh = BandedPrecisionNormal(e.loc, e.log_diag, e.right, e.down)
+    for name in DENSE:
+        torch.testing.assert_close(getattr(e, name), getattr(fresh, name), msg=name)
+        if cached:  # views of what was computed, not a recomputation
+            ptr = getattr(e, name).untyped_storage().data_ptr()
+            assert ptr == values[name].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda loc, ld: DiagonalPrecisionNormal(loc, ld),
+        lambda loc, ld: SphericalPrecisionNormal(loc, ld[..., 0, 0]),
+    ],
+    ids=["diagonal", "spherical"],
+)
+def test_special_cases_expand(make):
+    loc, log_diag, _, _ = _random_params((2, 3), batch=(1,))
+    d = make(loc, log_diag)
+    e = d.expand((4,))
+    assert type(e) is type(d) and e.batch_shape == (4,)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(e.log_prob(x), d.log_prob(x))
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(2, 3, 4), (2, 3, 5), (2, 3, 4), (2, 3, 4)],  # log_diag
+        [(2, 3, 4), (2, 3, 4), (3, 3, 4), (2, 3, 4)],  # right: batch
+        [(2, 3, 4), (2, 3, 4), (2, 3, 4), (2, 4, 4)],  # down
+        [(2, 1, 1), (2, 3, 4), (2, 3, 4), (2, 3, 4)],  # loc is no full image
+    ],
+)
+def test_mismatched_parameter_shapes_raise_value_error(shapes):
+    params = [torch.zeros(s) for s in shapes]
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\)") as info:
+        BandedPrecisionNormal(*params)
+    for shape in set(shapes):
+        assert str(shape) in str(info.value)
+
+
+@pytest.mark.parametrize("validate_args", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5), (2, 4, 4), (3, 3, 4), (12,)])
+def test_values_of_the_wrong_shape_raise_value_error(shape, validate_args):
+    d = BandedPrecisionNormal(
+        *_random_params((3, 4)), validate_args=validate_args, relative=True
+    )
+    value = torch.zeros(shape, dtype=torch.float64)
+    for method in (d.log_prob, d.whiten, d.reparameterize):
+        with pytest.raises(ValueError, match=str(shape)):
+            method(value)
+
+
+def test_log_prob_sums_in_the_requested_dtype():
+    params64 = _random_params((5, 6), seed=9)
+    params32 = [t.float() for t in params64]
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    d32 = BandedPrecisionNormal(*params32, relative=True)
+    d64 = BandedPrecisionNormal(*params64, relative=True)
+    lp = d32.log_prob(x.float(), sum_dtype=torch.float64)
+    assert lp.dtype == torch.float64
+    assert torch.equal(d32.log_prob(x.float(), sum_dtype=None), d32.log_prob(x.float()))
+    # Only the float32 maps round: closer to the float64 result than float32 sums.
+    err64 = (lp - d64.log_prob(x)).abs().max()
+    err32 = (d32.log_prob(x.float()).double() - d64.log_prob(x)).abs().max()
+    assert err64 < 1e-4 and err64 <= err32
