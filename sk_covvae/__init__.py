@@ -6,9 +6,11 @@ correlation between neighbouring pixels through a banded Cholesky factor of
 its precision matrix.
 """
 
+from sk_covvae._allocator import retain_freed_memory
 from sk_covvae._estimator import (
     CovarianceVAE,
     ImageShapeWarning,
+    LatentCollapseWarning,
     TrainingInterruptedWarning,
 )
 
@@ -17,6 +19,8 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "CovarianceVAE",
     "ImageShapeWarning",
+    "LatentCollapseWarning",
     "TrainingInterruptedWarning",
     "__version__",
+    "retain_freed_memory",
 ]

@@ -11,11 +11,14 @@ allocator would (PyTorch's own advice for CPU training is jemalloc or
 tcmalloc, to the same end). The price: the process keeps the memory it freed
 for later allocations instead of returning it to the system.
 
-``CovarianceVAE.fit`` and its inference methods call
-:func:`maybe_retain_freed_memory` on CPU, which applies the setting once per
-process unless the environment variable ``SK_COVVAE_SYSTEM_MALLOC`` is set
-to ``1`` (set it before the first fit, or set ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_`` yourself for any program).
+The library never applies it by itself: it changes the whole process (a Dask
+worker's nanny, for one, sets its own malloc thresholds). The ``covvae``
+command line and the benchmark call :func:`maybe_retain_freed_memory`, which
+applies the setting once per process unless the environment variable
+``SK_COVVAE_SYSTEM_MALLOC`` is ``1`` or a ``MALLOC_*`` setting is already in
+the environment; a user's own training script may call
+:func:`sk_covvae.retain_freed_memory` (or set ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` for any program).
 """
 
 import ctypes
@@ -57,12 +60,22 @@ def retain_freed_memory() -> bool:
 
 
 def wants_system_malloc() -> bool:
-    """Whether the user asked, through the environment, to leave malloc alone."""
-    return os.environ.get(OPT_OUT_VARIABLE, "").strip() == "1"
+    """Whether the environment asks to leave malloc alone.
+
+    True when ``SK_COVVAE_SYSTEM_MALLOC=1``, or when any ``MALLOC_*`` variable
+    (glibc's tunables, or a nanny's own thresholds) is set: those are the
+    user's settings, and ours must not override them.
+    """
+    if os.environ.get(OPT_OUT_VARIABLE, "").strip() == "1":
+        return True
+    return any(name.startswith("MALLOC_") for name in os.environ)
 
 
 def maybe_retain_freed_memory() -> bool:
     """Apply :func:`retain_freed_memory` once per process, unless opted out.
+
+    For programs (the command line, the benchmark), not for the library: see
+    the module's docstring.
 
     Returns
     -------

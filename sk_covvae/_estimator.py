@@ -13,23 +13,29 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import assert_all_finite, check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from skorch.callbacks import EarlyStopping
 from skorch.dataset import ValidSplit
 
-from sk_covvae._allocator import maybe_retain_freed_memory
 from sk_covvae._modules import VAEModule
 from sk_covvae._net import (
     NegativeELBO,
     SliceLoader,
+    StageRecorder,
     VAENet,
     expected_log_likelihood,
     log_likelihood_bound,
 )
 
-__all__ = ["CovarianceVAE", "ImageShapeWarning", "TrainingInterruptedWarning"]
+__all__ = [
+    "CovarianceVAE",
+    "ImageShapeWarning",
+    "LatentCollapseWarning",
+    "TrainingInterruptedWarning",
+]
 
 # Off-diagonal mass of each row of L^T relative to its diagonal; see
 # sk_covvae.distributions.constrain_banded_parameters.
@@ -43,6 +49,8 @@ _INFERENCE_BATCH = 256
 # Rows standardized at once, in fit and at inference (a multiple of
 # _INFERENCE_BATCH).
 _STANDARDIZE_ROWS = 16 * _INFERENCE_BATCH
+# Validation rows used for the latent diagnostics after fit.
+_DIAGNOSTIC_ROWS = 10_000
 # Seed of the noise shared by all images in score_samples.
 _SCORE_SEED = 0
 
@@ -53,6 +61,24 @@ class ImageShapeWarning(UserWarning):
 
 class TrainingInterruptedWarning(UserWarning):
     """Warned when training is interrupted (Ctrl-C) before it finished."""
+
+
+class LatentCollapseWarning(ConvergenceWarning):
+    """Warned when a fitted model's latent space carries (almost) nothing.
+
+    Posterior collapse: the encoder's posterior equals the prior for every
+    sample, so the decoder ignores ``z`` and explains the images by its noise
+    model alone; :meth:`CovarianceVAE.transform` then returns features without
+    information. A subclass of scikit-learn's ``ConvergenceWarning``, so
+    filters on that catch it too.
+    """
+
+
+# A latent dimension is active when the variance over the data of its
+# posterior mean exceeds this (Burda et al., 2016, section 5.2).
+_ACTIVITY_THRESHOLD = 1e-2
+# Interquartile range of a normal distribution, in standard deviations.
+_IQR_PER_STD = 1.3489795
 
 
 # The 1st-99th percentile range of a normal distribution, in standard
@@ -90,8 +116,13 @@ def _global_standardization(X):
     return float(offset), float(scale) if scale > 0 else 1.0
 
 
-def _standardized_chunks(X, offset, scale, chunk=_INFERENCE_BATCH, device=None):
+def _standardized_chunks(
+    X, offset, scale, chunk=_INFERENCE_BATCH, device=None, stretch=None
+):
     """Yield float32 tensors of ``(X - offset) / scale``, ``chunk`` rows at a time.
+
+    With ``stretch`` ``a``, the values are then mapped by
+    ``a * asinh(u / a)`` (see :func:`_stretch_log_det`).
 
     float32 input is standardized in float32 (exactly rounded elementwise
     operations, so a row's result does not depend on its chunk); float64
@@ -125,7 +156,37 @@ def _standardized_chunks(X, offset, scale, chunk=_INFERENCE_BATCH, device=None):
                 "X holds values too far from the training data to represent in "
                 "float32 after standardization (|X - offset_| / scale_ > 3.4e38)."
             )
+        if stretch is not None:
+            block = torch.asinh(block / stretch).mul_(stretch)
         yield block
+
+
+def _stretch_log_det(X, offset, scale, stretch, chunk=_STANDARDIZE_ROWS):
+    r"""Per-sample log-determinant of the Jacobian of the data map, float64.
+
+    The model sees :math:`y = a\,\mathrm{asinh}(u / a)` with :math:`u = (x -
+    \mathrm{offset}) / \mathrm{scale}` (no asinh when ``stretch`` is None),
+    so :math:`\log p(x) = \log p(y) + \sum_i \log |dy_i/dx_i|` with
+
+    .. math::
+
+        \log \left|\frac{dy_i}{dx_i}\right| = -\log \mathrm{scale}
+        - \tfrac12 \log\bigl(1 + (u_i / a)^2\bigr).
+    """
+    n_features = X.shape[1]
+    const = -n_features * math.log(scale)
+    if stretch is None:
+        return np.full(X.shape[0], const)
+    out = np.empty(X.shape[0])
+    for start in range(0, X.shape[0], chunk):
+        u = (np.asarray(X[start : start + chunk], dtype=np.float64) - offset) / scale
+        out[start : start + len(u)] = const - 0.5 * np.log1p((u / stretch) ** 2).sum(1)
+    return out
+
+
+def _unstretch(y, stretch):
+    """Inverse of the stretch on standardized values (float64 ndarray)."""
+    return y if stretch is None else stretch * np.sinh(y / stretch)
 
 
 def _pad_rows(block, rows=_INFERENCE_BATCH):
@@ -136,11 +197,13 @@ def _pad_rows(block, rows=_INFERENCE_BATCH):
     return torch.cat([block, block.new_zeros(missing, *block.shape[1:])])
 
 
-def _standardized_tensor(X, offset, scale):
-    """All of ``(X - offset) / scale`` as one float32 tensor."""
+def _standardized_tensor(X, offset, scale, stretch=None):
+    """All of ``X`` as the model sees it, as one float32 tensor."""
     out = torch.empty(X.shape, dtype=torch.float32)
     start = 0
-    for block in _standardized_chunks(X, offset, scale, chunk=_STANDARDIZE_ROWS):
+    for block in _standardized_chunks(
+        X, offset, scale, chunk=_STANDARDIZE_ROWS, stretch=stretch
+    ):
         out[start : start + len(block)] = block
         start += len(block)
     return out
@@ -181,6 +244,16 @@ def _restore_best_weights(net):
         return None
     net.module_.load_state_dict(stopper.best_model_weights_)
     return stopper.best_epoch_
+
+
+def _why_stopped(net, n_run, epochs):
+    """Why one ``partial_fit`` of ``epochs`` epochs ended after ``n_run``."""
+    stopper = dict(net.callbacks_).get("early_stopping")
+    if stopper is not None and stopper.misses_ >= stopper.patience:
+        return "early_stopping"
+    if n_run < epochs:
+        return "interrupted"
+    return "max_epochs"
 
 
 def _resolve_device(device):
@@ -238,6 +311,20 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Mini-batch size for training.
     lr : float, default=1e-3
         Learning rate of Adam.
+    mean_epochs : int, default=100
+        Maximum epochs of the *mean stage*, a first training stage for the
+        ``'diagonal'`` and ``'banded'`` decoders in which their noise model
+        is one learned scale for every pixel (the ``'spherical'`` model), so
+        that the encoder and the decoder's mean learn the images before a
+        flexible noise model can explain them away as noise (posterior
+        collapse; see the user guide). It stops early, like the second
+        stage, on its own validation loss. ``0`` trains the full model from
+        the start. Ignored for ``'spherical'``, which has one stage.
+    freeze_mean : bool, default=False
+        If True, the second stage trains only the covariance head: the
+        encoder and the decoder's mean stay as the mean stage left them, as
+        in Dorta et al. (2018b). If False, everything trains jointly in the
+        second stage.
     patience : int or None, default=20
         Stop when the validation loss has not improved for this many epochs,
         and restore the weights of the best epoch. ``None`` trains for
@@ -257,6 +344,19 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         decoder's covariance lies in ``[min_scale**2 / 1.9**2,
         max_scale**2 / 0.1**2]`` (times ``scale_**2``); ``min_scale`` is
         also the floor that keeps the density of constant pixels finite.
+    stretch : float or None, default=5.0
+        Softening ``a`` of an asinh stretch of the standardized data, in
+        units of ``scale_``: the model sees ``a * asinh((X - offset_) /
+        (scale_ * a))``, which is the identity within about ``a`` of the
+        median and grows logarithmically beyond, as astronomers' asinh
+        magnitudes do. The decoder is then Gaussian in the stretched values
+        and heavy-tailed in the units of ``X``, so that the rare images with
+        pixels thousands of times the typical spread (saturated stars,
+        cosmic rays) neither dominate training nor drive the other images'
+        latent space into collapse. Every output stays in the units of ``X``:
+        log-densities include the Jacobian of the stretch,
+        ``inverse_transform`` and ``sample`` map back through ``sinh``.
+        ``None`` models ``X`` itself (a Gaussian in its units).
     n_score_particles : int, default=1
         Particles ``k`` used by :meth:`score_samples`: 1 gives the ELBO, more
         give the tighter importance-weighted bound (``k`` times the cost).
@@ -288,9 +388,28 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when ``X`` has string column names.
     offset_, scale_ : float
-        Global standardization: the model sees ``(X - offset_) / scale_``.
+        Global standardization: the model sees ``(X - offset_) / scale_``
+        (stretched, see ``stretch``).
+    stretch_ : float or None
+        The stretch of the fit (a warm start keeps the first fit's).
     n_epochs_ : int
-        Number of epochs run.
+        Number of epochs run, over both training stages.
+    kl_per_component_ : ndarray of shape (n_components,)
+        KL divergence, in nats, of each latent dimension's posterior from
+        the prior, median over the validation data (the training data when
+        ``validation_fraction=None``): what each dimension carries for a
+        typical image. The median, not the mean, so that the few extreme
+        images of survey data (saturated stars) do not hide a latent space
+        that typical images leave unused.
+    latent_activity_ : ndarray of shape (n_components,)
+        Spread over the same data of each dimension's posterior mean: the
+        activity of Burda et al. (2016), the variance, made robust in the same
+        way (the squared interquartile range over 1.349). A dimension whose
+        posterior mean does not vary between typical images carries nothing.
+    n_active_components_ : int
+        Latent dimensions whose activity exceeds 0.01 (Burda et al., 2016).
+        ``0`` means the latent space collapsed; ``fit`` then warns with a
+        :class:`LatentCollapseWarning`.
     device_ : str
         Device the model was fitted on.
 
@@ -305,14 +424,12 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     Notes
     -----
-    On CPU under Linux with glibc, the first ``fit`` or inference call raises
-    glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 1 GiB for the
-    process, so that the large buffers freed after each training step are
-    reused instead of being returned to the system and faulted in again:
-    training steps get a quarter to a third faster and far steadier (see
-    ``docs/performance.md``), and the process keeps the memory it has freed.
-    Set the environment variable ``SK_COVVAE_SYSTEM_MALLOC=1`` to leave
-    malloc alone.
+    The estimator leaves process-wide state alone: the global random number
+    generators (it draws from a forked one), thread counts, warning filters
+    and malloc settings. On CPU under Linux, training runs a quarter to a
+    third faster when glibc keeps freed memory for reuse (see
+    ``docs/performance.md``); a training script may ask for that with
+    :func:`sk_covvae.retain_freed_memory`, as the ``covvae`` command does.
 
     References
     ----------
@@ -322,6 +439,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
        Simpson, I., "Structured Uncertainty Prediction Networks", CVPR 2018.
     .. [3] Burda, Y., Grosse, R. and Salakhutdinov, R., "Importance Weighted
        Autoencoders", ICLR 2016.
+    .. [4] Dorta, G., Vicente, S., Agapito, L., Campbell, N. D. F. and
+       Simpson, I., "Training VAEs Under Structured Residuals", arXiv
+       1804.01050, 2018.
 
     Examples
     --------
@@ -346,11 +466,14 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
+        "mean_epochs": [Interval(Integral, 0, None, closed="left")],
+        "freeze_mean": ["boolean"],
         "patience": [Interval(Integral, 1, None, closed="left"), None],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
         "channels": [tuple, list],
         "hidden_units": [Interval(Integral, 1, None, closed="left")],
         "min_scale": [Interval(Real, 0, None, closed="neither")],
+        "stretch": [Interval(Real, 0, None, closed="neither"), None],
         "max_scale": [Interval(Real, 0, None, closed="neither")],
         "n_score_particles": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
@@ -368,12 +491,15 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         max_epochs=100,
         batch_size=256,
         lr=1e-3,
+        mean_epochs=100,
+        freeze_mean=False,
         patience=20,
         validation_fraction=0.1,
         channels=(16, 32),
         hidden_units=256,
         min_scale=1e-3,
         max_scale=10.0,
+        stretch=5.0,
         n_score_particles=1,
         warm_start=False,
         device="auto",
@@ -386,12 +512,15 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.lr = lr
+        self.mean_epochs = mean_epochs
+        self.freeze_mean = freeze_mean
         self.patience = patience
         self.validation_fraction = validation_fraction
         self.channels = channels
         self.hidden_units = hidden_units
         self.min_scale = min_scale
         self.max_scale = max_scale
+        self.stretch = stretch
         self.n_score_particles = n_score_particles
         self.warm_start = warm_start
         self.device = device
@@ -505,6 +634,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                     f"{self.image_shape_}; got {image_shape}."
                 )
             net, offset, scale = self.net_, self.offset_, self.scale_
+            stretch = self.stretch_
             # The weights stay where they are (skorch may have mapped a CUDA
             # model to the CPU when it was unpickled).
             device = str(net.device)
@@ -512,32 +642,33 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             n_before = len(net.history)
         else:
             offset, scale = _global_standardization(X)
+            stretch = self.stretch
             net = self._build_net(image_shape, device, seed)
             n_before = 0
-        if torch.device(device).type == "cpu":
-            maybe_retain_freed_memory()
-        Xt = _standardized_tensor(X, offset, scale)
+        Xt = _standardized_tensor(X, offset, scale, stretch)
 
         try:
             stopped_by = self._train(net, Xt, device, seed, initialize=not warm)
         except FloatingPointError:
             # The best weights so far are restored: keep a usable estimator.
-            self._set_fitted(net, image_shape, offset, scale, device)
+            self._set_fitted(net, image_shape, offset, scale, stretch, device)
             raise
-        self._set_fitted(net, image_shape, offset, scale, device)
+        self._set_fitted(net, image_shape, offset, scale, stretch, device)
         self._report_stop(stopped_by, n_before)
+        self._latent_diagnostics(net, Xt)
         return self
 
-    def _set_fitted(self, net, image_shape, offset, scale, device):
+    def _set_fitted(self, net, image_shape, offset, scale, stretch, device):
         self.net_ = net
         self.image_shape_ = image_shape
         self.offset_ = offset
         self.scale_ = scale
+        self.stretch_ = stretch
         self.n_epochs_ = len(net.history)
         self.device_ = device
 
     def _build_net(self, image_shape, device, seed):
-        callbacks = []
+        callbacks = [("stage", StageRecorder())]
         if self.validation_fraction is not None:
             patience = self.patience if self.patience is not None else math.inf
             callbacks.append(
@@ -584,28 +715,49 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             verbose=self.verbose,
         )
 
-    def _train(self, net, Xt, device, seed, initialize):
-        """Run skorch's training loop; return why it ended.
+    def _stages(self, initialize):
+        """The training stages of this fit: (stage, maximum epochs) pairs."""
+        last = "covariance" if self.freeze_mean else "joint"
+        if self.covariance == "spherical":
+            return [("joint", self.max_epochs)]
+        if not initialize:  # warm start: go on with the last stage
+            return [(last, self.max_epochs)]
+        if self.mean_epochs == 0:
+            return [("joint", self.max_epochs)]
+        return [("mean", self.mean_epochs), (last, self.max_epochs)]
 
-        skorch ends the loop on the ``KeyboardInterrupt`` that both Ctrl-C and
-        early stopping raise, then restores the best epoch's weights
-        (``on_train_end``). A non-finite loss raises ``FloatingPointError``
-        from ``VAENet.get_loss``; the best weights so far are restored here
-        before the error propagates.
+    def _train(self, net, Xt, device, seed, initialize):
+        """Run skorch's training loop once per stage; return why it ended.
+
+        Each stage is one ``partial_fit`` of the same net with the module in
+        that stage (see ``Decoder.stage``); the optimizer and the history
+        carry over, and early stopping starts afresh on the stage's own
+        validation loss. skorch ends a loop on the ``KeyboardInterrupt`` that
+        both Ctrl-C and early stopping raise, then restores the best epoch's
+        weights (``on_train_end``); an interruption ends the fit. A
+        non-finite loss raises ``FloatingPointError`` from
+        ``VAENet.get_loss``; the best weights so far are restored here before
+        the error propagates.
 
         Returns
         -------
         {'max_epochs', 'early_stopping', 'interrupted'}
         """
         devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
-        n_before = len(net.history) if not initialize else 0
+        stopped_by = "max_epochs"
         with torch.random.fork_rng(devices=devices), _reproducible_kernels(device):
             torch.manual_seed(seed)
+            if initialize:
+                net.initialize()
+            module = net.module_
             try:
-                if initialize:
-                    net.fit(Xt, None)
-                else:
-                    net.partial_fit(Xt, None)
+                for stage, epochs in self._stages(initialize):
+                    module.stage = stage
+                    n_before = len(net.history)
+                    net.partial_fit(Xt, None, epochs=epochs)
+                    stopped_by = _why_stopped(net, len(net.history) - n_before, epochs)
+                    if stopped_by == "interrupted":
+                        break
             except FloatingPointError as exc:
                 restored = _restore_best_weights(net)
                 raise FloatingPointError(
@@ -617,13 +769,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                     )
                     + " Lower lr, or check X for extreme values."
                 ) from exc
-        n_run = len(net.history) - n_before
-        stopper = dict(net.callbacks_).get("early_stopping")
-        if stopper is not None and stopper.misses_ >= stopper.patience:
-            return "early_stopping"
-        if n_run < net.max_epochs:
-            return "interrupted"
-        return "max_epochs"
+            finally:
+                module.stage = "joint"
+        return stopped_by
 
     def _report_stop(self, stopped_by, n_before):
         if stopped_by != "interrupted":
@@ -635,12 +783,53 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             else " the last weights"
         )
         warnings.warn(
-            f"Training was interrupted after {self.n_epochs_ - n_before} of "
-            f"{self.max_epochs} epochs; the estimator is usable and holds"
+            f"Training was interrupted after {self.n_epochs_ - n_before} "
+            f"epochs; the estimator is usable and holds"
             f"{best}. Set warm_start=True and call fit again to continue.",
             TrainingInterruptedWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+    def _latent_diagnostics(self, net, Xt):
+        """Per-dimension KL and activity of the posterior on validation data.
+
+        Sets ``kl_per_component_``, ``latent_activity_`` and
+        ``n_active_components_``, and warns when no dimension is active. The
+        validation rows are those of skorch's split (the same seed gives the
+        same split); at most ``_DIAGNOSTIC_ROWS`` of them are used.
+        """
+        rows = Xt
+        if net.train_split is not None:
+            _, valid = net.get_split_datasets(Xt)
+            if valid is not None and len(valid) > 0:
+                rows = Xt[torch.as_tensor(valid.indices, dtype=torch.long)]
+        rows = rows[:_DIAGNOSTIC_ROWS]
+        module = self._module()
+        mus, logvars = [], []
+        with torch.inference_mode(), _reproducible_kernels(net.device):
+            for block in rows.split(_INFERENCE_BATCH):
+                mu, logvar = module.encode(block.to(net.device), dtype=torch.float64)
+                mus.append(mu.cpu())
+                logvars.append(logvar.cpu())
+        mu, logvar = torch.cat(mus), torch.cat(logvars)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+        self.kl_per_component_ = np.median(kl.numpy(), axis=0)
+        q25, q75 = np.percentile(mu.numpy(), [25, 75], axis=0)
+        self.latent_activity_ = ((q75 - q25) / _IQR_PER_STD) ** 2
+        self.n_active_components_ = int(
+            np.sum(self.latent_activity_ > _ACTIVITY_THRESHOLD)
+        )
+        if self.n_active_components_ == 0:
+            warnings.warn(
+                f"The latent space collapsed: none of the {mu.shape[1]} latent "
+                "dimensions varies with the images (largest activity "
+                f"{self.latent_activity_.max():.2g}, total KL "
+                f"{self.kl_per_component_.sum():.2g} nats), so transform "
+                "returns no information. Train longer, keep mean_epochs > 0, "
+                "or check that the images differ by more than noise.",
+                LatentCollapseWarning,
+                stacklevel=4,
+            )
 
     # --------------------------------------------------------------- inference
     def _batches(self, X):
@@ -651,10 +840,13 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         blocks, each with the number of its real (unpadded) rows.
         """
         device = torch.device(self.net_.device)
-        if device.type == "cpu":
-            maybe_retain_freed_memory()
         for chunk in _standardized_chunks(
-            X, self.offset_, self.scale_, chunk=_STANDARDIZE_ROWS, device=device
+            X,
+            self.offset_,
+            self.scale_,
+            chunk=_STANDARDIZE_ROWS,
+            device=device,
+            stretch=self.stretch_,
         ):
             for block in chunk.split(_INFERENCE_BATCH):
                 yield _pad_rows(block), len(block)
@@ -712,7 +904,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 block = Zt[i : i + _INFERENCE_BATCH]
                 px = module.decode(_pad_rows(block).to(self.net_.device))
                 means.append(px.mean[: len(block)].reshape(len(block), -1).cpu())
-        means = torch.cat(means).numpy().astype(np.float64)
+        means = _unstretch(torch.cat(means).numpy().astype(np.float64), self.stretch_)
         return (means * self.scale_ + self.offset_).astype(Z.dtype, copy=False)
 
     def score_samples(self, X):
@@ -752,8 +944,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         eps = self._fixed_noise(n_particles)
         with torch.inference_mode(), _reproducible_kernels(self.net_.device):
             values = [estimate(module, xb, eps)[:n] for xb, n in self._batches(X)]
-        jacobian = self.n_features_in_ * math.log(self.scale_)
-        return torch.cat(values).double().cpu().numpy() - jacobian
+        log_det = _stretch_log_det(X, self.offset_, self.scale_, self.stretch_)
+        return torch.cat(values).double().cpu().numpy() + log_det
 
     def _fixed_noise(self, n_particles):
         generator = torch.Generator().manual_seed(_SCORE_SEED)
@@ -841,7 +1033,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 eps = torch.randn(n, *self.image_shape_, generator=generator)
                 px = module.decode(z.to(device))
                 out.append(px.reparameterize(eps.to(device)).reshape(n, -1).cpu())
-        X = torch.cat(out).numpy().astype(np.float64)
+        X = _unstretch(torch.cat(out).numpy().astype(np.float64), self.stretch_)
         return X * self.scale_ + self.offset_
 
     # ------------------------------------------------------------ sklearn glue

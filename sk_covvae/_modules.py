@@ -132,6 +132,18 @@ class Decoder(nn.Module):
         Interval of the log diagonal of the precision factor.
     rho : float in [0, 1)
         Off-diagonal mass of each row of L^T relative to its diagonal.
+
+    Attributes
+    ----------
+    stage : {'joint', 'mean', 'covariance'}
+        What training shapes (see ``CovarianceVAE``'s ``mean_epochs``):
+        ``'joint'`` (default) everything; ``'mean'`` the trunk and the mean
+        head under one learned scale for every pixel (the spherical noise
+        model, whatever ``covariance``), the covariance head unused;
+        ``'covariance'`` only the covariance head: the encoder's output, the
+        trunk and the mean are detached, so what the mean stage learned
+        stays as it is. The distribution returned is the model's own in the
+        'joint' and 'covariance' stages.
     """
 
     def __init__(
@@ -160,15 +172,21 @@ class Decoder(nn.Module):
         self.covariance = covariance
         self.log_diag_bounds = tuple(log_diag_bounds)
         self.rho = rho
+        self.stage = "joint"
         # Start every pixel at log_diag = 0, a unit scale on standardized data.
         low, high = self.log_diag_bounds
         frac = min(max((0.0 - low) / (high - low), 1e-3), 1 - 1e-3)
         start = math.log(frac / (1.0 - frac))
-        if covariance == "spherical":
-            self.raw_log_diag = nn.Parameter(torch.tensor(start))
-        else:
+        # The one learned scale of 'spherical'; for the other covariances the
+        # noise model of the mean stage (see ``stage``).
+        self.raw_log_diag = nn.Parameter(torch.tensor(start))
+        if covariance != "spherical":
             n_out = 3 if covariance == "banded" else 1
-            self.covariance_head = _head(c2, c1, n_out, plan_h, plan_w)
+            # Drawn from a copy of the generator, which is left as the
+            # spherical model leaves it: with the same seed, the mean stage
+            # then trains exactly as the spherical model does.
+            with torch.random.fork_rng(devices=[]):
+                self.covariance_head = _head(c2, c1, n_out, plan_h, plan_w)
             last = self.covariance_head[-1]
             with torch.no_grad():
                 last.bias.zero_()
@@ -187,7 +205,9 @@ class Decoder(nn.Module):
         loc = self.mean_head(h).squeeze(1)
         dtype = weight.dtype if dtype is None else dtype
         loc = loc.to(dtype)
-        if self.covariance == "spherical":
+        if self.stage == "covariance":
+            h, loc = h.detach(), loc.detach()
+        if self.covariance == "spherical" or self.stage == "mean":
             log_diag, _, _ = constrain_banded_parameters(
                 self.raw_log_diag.to(dtype),
                 log_diag_bounds=self.log_diag_bounds,
@@ -282,8 +302,22 @@ class VAEModule(nn.Module):
         """
         return self.decoder(z, dtype=dtype)
 
+    @property
+    def stage(self):
+        """Training stage of the decoder (see ``Decoder.stage``)."""
+        return self.decoder.stage
+
+    @stage.setter
+    def stage(self, value):
+        if value not in ("joint", "mean", "covariance"):
+            raise ValueError(f"Unknown training stage {value!r}.")
+        self.decoder.stage = value
+
     def forward(self, x):
         """Encode, draw one reparameterised z, decode.
+
+        In the ``'covariance'`` stage the posterior is detached: only the
+        covariance head learns.
 
         Returns
         -------
@@ -293,5 +327,7 @@ class VAEModule(nn.Module):
             p(x|z) at the drawn z.
         """
         mu, logvar = self.encode(x)
+        if self.stage == "covariance":
+            mu, logvar = mu.detach(), logvar.detach()
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         return mu, logvar, self.decode(z)

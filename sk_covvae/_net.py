@@ -27,6 +27,7 @@ import math
 
 import torch
 from skorch import NeuralNet
+from skorch.callbacks import Callback
 from skorch.utils import to_tensor
 from torch.utils.data import Subset
 
@@ -209,3 +210,14 @@ class VAENet(NeuralNet):
                 f"in epoch {len(self.history)}."
             )
         return loss
+
+
+class StageRecorder(Callback):
+    """Record the module's training stage in each epoch of the history.
+
+    ``net.history[:, 'stage']`` then tells the mean stage's epochs (whose
+    losses use the spherical noise model) from the others.
+    """
+
+    def on_epoch_end(self, net, **kwargs):
+        net.history.record("stage", net.module_.stage)

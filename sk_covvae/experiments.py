@@ -9,14 +9,13 @@ Protocol
 1. **Split.** :func:`stratified_split` cuts the data into stratified
    train / validation / test parts of 60 / 25 / 15 % (by class label).
 2. **Fit.** :func:`fit_with_early_stopping` trains one :class:`CovarianceVAE`
-   per covariance on the *train* part only, with identical encoder, decoder
-   trunk and latent size. After every epoch it computes the negative ELBO of
-   the *validation* part; training stops when that has not improved for
-   ``patience`` epochs (20, as Dorta et al., 2018) or after ``max_epochs``,
-   and the weights of the best validation epoch are restored. The
-   estimator's own internal hold-out is switched off
-   (``validation_fraction=None``) so that the validation part is exactly the
-   stratified split, the same images for the three models.
+   per covariance on the *train* and *validation* parts, with identical
+   encoder, decoder trunk, latent size and training schedule. The estimator
+   holds out as many images as the validation part has, drawn with the run's
+   seed (so the three models hold out the same images) and stops each
+   training stage when their negative ELBO has not improved for ``patience``
+   epochs (20, as Dorta et al., 2018) or after ``max_epochs``, restoring the
+   weights of the best validation epoch.
 3. **Evaluate on the test part only** (:func:`evaluate_density`): the
    paper's metric ``-E_q(z|x)[log p(x|z)]`` and the negative ELBO in nats per
    image, and, for 8-bit data, bits per dimension on dequantized images.
@@ -34,11 +33,11 @@ Every function returns plain dictionaries of floats, ints, strings and lists,
 which :func:`json.dump` writes as they are.
 """
 
-import copy
 import math
 import time
 
 import numpy as np
+from scipy.stats import spearmanr
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import accuracy_score, roc_auc_score, roc_curve
@@ -49,13 +48,16 @@ from sk_covvae._estimator import CovarianceVAE
 
 __all__ = [
     "COVARIANCES",
+    "PROTOCOL_DEFAULTS",
     "SPLIT_FRACTIONS",
     "bits_per_dim",
+    "central_flux",
     "dequantize",
     "evaluate_anomaly",
     "evaluate_baselines",
     "evaluate_density",
     "evaluate_features",
+    "evaluate_latents",
     "fit_with_early_stopping",
     "load_dataset",
     "run_comparison",
@@ -67,6 +69,23 @@ __all__ = [
 COVARIANCES = ("spherical", "diagonal", "banded")
 #: Train / validation / test shares of the stratified split.
 SPLIT_FRACTIONS = (0.6, 0.25, 0.15)
+#: What the comparison runs on each data set unless told otherwise: the
+#: defaults of :func:`load_dataset`, :func:`run_comparison` and ``covvae
+#: compare`` (a few minutes on a 2-core CPU).
+PROTOCOL_DEFAULTS = {
+    "stamps": {
+        "n_samples": 2000,
+        "n_components": (10,),
+        "max_epochs": 30,
+        "batch_size": 32,
+    },
+    "fashion-mnist": {
+        "n_samples": 10000,
+        "n_components": (50,),
+        "max_epochs": 10,
+        "batch_size": 64,
+    },
+}
 # Trees of every random forest (features and baselines alike).
 _N_TREES = 200
 # Points of each ROC curve kept for the figures (the JSON stays small).
@@ -89,25 +108,33 @@ def load_dataset(name, *, n_samples=None, random_state=0):
         half bogus, pixels in units of the background noise.
         ``'fashion-mnist'``: the 70,000 Fashion-MNIST images in [0, 1].
     n_samples : int or None, default=None
-        Stamps to simulate (``None``: 3000), or Fashion-MNIST images to draw
-        at random without replacement, stratified by class (``None``: all).
+        Stamps to simulate, or Fashion-MNIST images to draw at random
+        without replacement, stratified by class (``None``: the data set's
+        entry in :data:`PROTOCOL_DEFAULTS`).
     random_state : int, default=0
         Seed of the simulation or of the subsample.
 
     Returns
     -------
     data : dict
-        ``X`` (float32, (n, D)), ``y`` (int labels), ``image_shape``,
+        ``name``, ``X`` (float32, (n, D)), ``y`` (int labels), ``image_shape``,
         ``target_names``, ``quantized`` (True when the pixels are 8-bit
         levels divided by 255, so bits/dim on dequantized data apply),
         ``artefact_type`` (stamps only, else None) and ``description``.
     """
     from sk_covvae import datasets
 
+    if name not in PROTOCOL_DEFAULTS:
+        raise ValueError(
+            f"Unknown dataset {name!r}; choose one of {sorted(PROTOCOL_DEFAULTS)}."
+        )
+    if n_samples is None:
+        n_samples = PROTOCOL_DEFAULTS[name]["n_samples"]
     if name == "stamps":
-        n = 3000 if n_samples is None else int(n_samples)
+        n = int(n_samples)
         bunch = datasets.make_difference_stamps(n, random_state=random_state)
         return {
+            "name": name,
             "X": bunch.data,
             "y": bunch.target,
             "image_shape": tuple(bunch.image_shape),
@@ -133,6 +160,7 @@ def load_dataset(name, *, n_samples=None, random_state=0):
             index = np.sort(index)
             X, y = X[index], y[index]
         return {
+            "name": name,
             "X": X,
             "y": y,
             "image_shape": tuple(bunch.image_shape),
@@ -148,7 +176,6 @@ def load_dataset(name, *, n_samples=None, random_state=0):
                 )
             ),
         }
-    raise ValueError(f"Unknown dataset {name!r}; choose 'stamps' or 'fashion-mnist'.")
 
 
 def stratified_split(y, *, fractions=SPLIT_FRACTIONS, random_state=None):
@@ -267,13 +294,14 @@ def fit_with_early_stopping(
     tag="",
     **params,
 ):
-    """Fit a :class:`CovarianceVAE`, stopping early on a given validation set.
+    """Fit a :class:`CovarianceVAE` with early stopping on held-out images.
 
-    The estimator is trained one epoch at a time (``warm_start=True``, the
-    optimizer state carried over) on ``X_train`` alone; after each epoch the
-    negative ELBO of ``X_valid`` (:meth:`CovarianceVAE.score`, fixed noise,
-    so epochs compare fairly) decides early stopping, and the weights of the
-    best epoch are restored at the end.
+    The estimator is fitted once, on ``X_train`` and ``X_valid`` pooled, with
+    its own early stopping: it holds out a share of the pool equal to
+    ``X_valid``'s (``validation_fraction``), drawn by ``random_state``, so
+    that models fitted with the same seed hold out the same images, and
+    restores the weights of the best validation epoch of each training
+    stage. The returned model's parameters are those it was fitted with.
 
     Parameters
     ----------
@@ -281,85 +309,89 @@ def fit_with_early_stopping(
     covariance : {'spherical', 'diagonal', 'banded'}
     n_components : int
     max_epochs : int
+        Maximum epochs of the (last) training stage.
     patience : int or None, default=20
-        Epochs without a better validation loss before stopping; ``None``
-        runs ``max_epochs``.
+        Epochs without a better validation loss before a stage stops;
+        ``None`` runs ``max_epochs``.
     random_state : int, default=0
-        Seeds initialisation, batch order and training noise.
+        Seeds initialisation, the hold-out, batch order and training noise.
     log : callable or None, default=None
-        Called with one line of progress per epoch (e.g. ``print``).
+        Called with one line of progress per stage (e.g. ``print``).
     tag : str, default=''
         Prefix of the progress lines.
     **params
         Other :class:`CovarianceVAE` parameters (``batch_size``, ``lr``,
-        ``device``, ``min_scale``, ...).
+        ``mean_epochs``, ``device``, ``min_scale``, ...).
 
     Returns
     -------
     model : CovarianceVAE
         Fitted, holding the best validation epoch's weights.
     info : dict
-        ``epochs`` (run), ``best_epoch``, ``stopped_by`` ('early_stopping',
-        'max_epochs' or 'non_finite_loss'), ``fit_time_s``, ``device``,
-        ``history`` (per epoch: ``train_loss`` and ``valid_loss``, mean
-        negative ELBO in nats per image in data units, and ``dur`` s).
+        ``epochs`` (run, over all stages), ``best_epoch``, ``stopped_by``
+        ('early_stopping', 'max_epochs' or 'non_finite_loss'),
+        ``fit_time_s``, ``device``, ``n_active_components``,
+        ``kl_per_component`` (list) and ``history`` (per epoch: ``stage``,
+        ``train_loss`` and ``valid_loss``, mean negative ELBO in nats per
+        image in data units (under the spherical noise model in the mean
+        stage), and ``dur`` s).
     """
     log = _silent if log is None else log
-    # A RandomState instance advances at every warm fit, so each epoch gets
-    # fresh batch order and noise, yet the run is a function of random_state.
+    X = np.concatenate([X_train, X_valid])
     model = CovarianceVAE(
         n_components,
         covariance=covariance,
-        max_epochs=1,
-        patience=None,
-        validation_fraction=None,
-        warm_start=True,
-        random_state=np.random.RandomState(random_state),
+        max_epochs=max_epochs,
+        patience=patience,
+        validation_fraction=len(X_valid) / len(X),
+        random_state=random_state,
         **params,
     )
-    history = []
-    best, best_epoch, best_state, misses = math.inf, 0, None, 0
-    stopped_by = "max_epochs"
     start = time.perf_counter()
-    for epoch in range(1, max_epochs + 1):
-        tic = time.perf_counter()
-        try:
-            model.fit(X_train)
-        except FloatingPointError as exc:
-            log(f"{tag} epoch {epoch}: {exc}")
-            stopped_by = "non_finite_loss"
-            break
-        # skorch's train loss is in the model's standardized units.
-        jacobian = X_train.shape[1] * math.log(model.scale_)
-        train_loss = float(model.net_.history[-1, "train_loss"]) + jacobian
-        valid_loss = -model.score(X_valid)
-        dur = time.perf_counter() - tic
-        history.append({"train_loss": train_loss, "valid_loss": valid_loss, "dur": dur})
-        improved = valid_loss < best
-        if improved:
-            best, best_epoch, misses = valid_loss, epoch, 0
-            best_state = copy.deepcopy(model.net_.module_.state_dict())
-        else:
-            misses += 1
-        log(
-            f"{tag} epoch {epoch:>3}/{max_epochs}  train {train_loss:11.2f}  "
-            f"valid {valid_loss:11.2f}{'  *' if improved else '   '}  {dur:5.1f}s"
-        )
-        if patience is not None and misses >= patience:
-            stopped_by = "early_stopping"
-            break
-    if best_state is not None:
-        model.net_.module_.load_state_dict(best_state)
-    elif not history:
+    stopped_by = None
+    try:
+        model.fit(X)
+    except FloatingPointError as exc:
+        log(f"{tag} {exc}")
+        stopped_by = "non_finite_loss"
+    fit_time = time.perf_counter() - start
+    history = _history_in_data_units(model, X.shape[1])
+    if not history:
         raise FloatingPointError(f"{tag}: the first epoch already diverged.")
+    stopper = dict(model.net_.callbacks_)["early_stopping"]
+    if stopped_by is None:
+        stopped_by = (
+            "early_stopping" if stopper.misses_ >= stopper.patience else "max_epochs"
+        )
+    log(
+        f"{tag} {len(history)} epochs in {fit_time:.1f}s ({stopped_by}); "
+        f"{model.n_active_components_} of {n_components} latent dimensions active"
+    )
     return model, {
         "epochs": len(history),
-        "best_epoch": best_epoch,
+        "best_epoch": int(stopper.best_epoch_),
         "stopped_by": stopped_by,
-        "fit_time_s": time.perf_counter() - start,
+        "fit_time_s": fit_time,
         "device": str(model.device_),
+        "n_active_components": int(model.n_active_components_),
+        "kl_per_component": [float(v) for v in model.kl_per_component_],
         "history": history,
     }
+
+
+def _history_in_data_units(model, n_features):
+    """Per-epoch losses of ``model.net_.history`` in nats in data units."""
+    jacobian = n_features * math.log(model.scale_)
+    return [
+        {
+            "stage": row.get("stage", "joint"),
+            "train_loss": float(row["train_loss"]) + jacobian,
+            "valid_loss": float(row["valid_loss"]) + jacobian,
+            "dur": float(row["dur"]),
+        }
+        for row in model.net_.history
+        if "valid_loss" in row
+    ]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -383,27 +415,81 @@ def evaluate_density(model, X_test, *, quantized=False, random_state=0):
         et al., 2018; lower is better), ``neg_recon_ll_std`` (its spread over
         images), ``neg_elbo`` (mean negative ELBO, an upper bound on
         ``-log p(x)``), ``neg_elbo_median`` (robust to the few extreme
-        images of heavy-tailed data), ``neg_recon_ll_per_pixel``, ``bits_per_dim``
-        (negative ELBO of dequantized images, in bits per pixel) and
-        ``mse`` (squared error of the decoder mean, per pixel).
+        images of heavy-tailed data), ``neg_recon_ll_median``,
+        ``neg_recon_ll_per_pixel``, ``bits_per_dim`` (negative ELBO of
+        dequantized images, in bits per pixel), ``mse`` (squared error of the
+        decoder mean, per pixel) and ``mse_median`` (its median over images).
     """
     recon = -model.reconstruction_log_likelihood(X_test)
     elbo = model.score_samples(X_test)
     D = X_test.shape[1]
     mean = model.inverse_transform(model.transform(X_test))
+    squared = np.mean((np.asarray(mean, np.float64) - X_test) ** 2, axis=1)
     out = {
         "neg_recon_ll": float(np.mean(recon)),
+        "neg_recon_ll_median": float(np.median(recon)),
         "neg_recon_ll_std": float(np.std(recon)),
         "neg_recon_ll_per_pixel": float(np.mean(recon) / D),
         "neg_elbo": float(-np.mean(elbo)),
         "neg_elbo_median": float(-np.median(elbo)),
-        "mse": float(np.mean((np.asarray(mean, np.float64) - X_test) ** 2)),
+        "mse": float(np.mean(squared)),
+        "mse_median": float(np.median(squared)),
         "bits_per_dim": None,
     }
     if quantized:
         Y = dequantize(X_test, random_state=random_state)
         out["bits_per_dim"] = float(np.mean(bits_per_dim(model.score_samples(Y), D)))
     return out
+
+
+def central_flux(X, image_shape, *, half_width=2):
+    """Sum of the central ``(2 * half_width + 1)`` square pixels of each image.
+
+    On stamps centred on a candidate, the flux of the source.
+    """
+    H, W = image_shape
+    images = np.asarray(X, dtype=np.float64).reshape(len(X), H, W)
+    r, c = H // 2, W // 2
+    h = half_width
+    return images[:, max(r - h, 0) : r + h + 1, max(c - h, 0) : c + h + 1].sum((1, 2))
+
+
+def evaluate_latents(model, X_test, image_shape):
+    """Whether the model learned the images: the latent space and its means.
+
+    A model whose latent space collapsed has a decoder mean that is the same
+    for every image, so its mean does not follow the data however good its
+    density is.
+
+    Parameters
+    ----------
+    model : CovarianceVAE
+    X_test : ndarray of shape (n, D)
+    image_shape : tuple of int (H, W)
+
+    Returns
+    -------
+    metrics : dict
+        ``n_active`` (:attr:`CovarianceVAE.n_active_components_`),
+        ``kl_total`` (sum over dimensions of ``kl_per_component_``, nats),
+        ``mean_correlation`` (median over test images of the Pearson
+        correlation between the decoder mean and the image, pixel by pixel)
+        and ``centre_flux_spearman`` (Spearman correlation over test images
+        between the central 5x5 flux of the decoder mean and of the image).
+    """
+    X = np.asarray(X_test, dtype=np.float64)
+    mean = np.asarray(model.inverse_transform(model.transform(X_test)), np.float64)
+    a = X - X.mean(1, keepdims=True)
+    b = mean - mean.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    flux = spearmanr(central_flux(mean, image_shape), central_flux(X, image_shape))
+    return {
+        "n_active": int(model.n_active_components_),
+        "kl_total": float(np.sum(model.kl_per_component_)),
+        "mean_correlation": float(np.nanmedian(r)) if np.isfinite(r).any() else 0.0,
+        "centre_flux_spearman": float(np.nan_to_num(flux.statistic)),
+    }
 
 
 def _roc(y_true, score):
@@ -522,11 +608,11 @@ def evaluate_anomaly(model, X_test, is_anomaly, *, groups=None):
 def run_comparison(
     data,
     *,
-    n_components=(10,),
+    n_components=None,
     seeds=(0,),
     covariances=COVARIANCES,
-    max_epochs=20,
-    patience=20,
+    max_epochs=None,
+    patience=None,
     features=None,
     anomaly=None,
     log=None,
@@ -538,14 +624,17 @@ def run_comparison(
     ----------
     data : dict
         As returned by :func:`load_dataset`.
-    n_components : sequence of int, default=(10,)
-        Latent sizes; several give the latent sweep.
+    n_components : sequence of int or None, default=None
+        Latent sizes; several give the latent sweep. ``None``: the data
+        set's entry in :data:`PROTOCOL_DEFAULTS`.
     seeds : sequence of int, default=(0,)
         Each seed draws its own split and initialisation; several give the
         spread (mean +- std) in :func:`summarize`.
     covariances : sequence of str, default=COVARIANCES
-    max_epochs : int, default=20
-    patience : int or None, default=20
+    max_epochs : int or None, default=None
+        ``None``: the data set's entry in :data:`PROTOCOL_DEFAULTS`.
+    patience : int or None, default=None
+        ``None``: the estimator's default.
     features : bool or None, default=None
         RandomForest on latent features and the baselines; ``None``: when
         the data have labels with two classes (stamps).
@@ -556,16 +645,18 @@ def run_comparison(
         Progress callback, e.g. ``print``.
     **params
         Passed to :class:`CovarianceVAE` (``batch_size``, ``device``,
-        ``min_scale``, ...).
+        ``min_scale``, ...); ``batch_size`` defaults to the data set's entry
+        in :data:`PROTOCOL_DEFAULTS`.
 
     Returns
     -------
     result : dict
         ``'runs'``: one dict per (covariance, n_components, seed) with the
         fit information of :func:`fit_with_early_stopping`, the metrics of
-        :func:`evaluate_density`, :func:`evaluate_features` and
-        :func:`evaluate_anomaly` (the last under ``anomaly_*`` keys, with
-        ``anomaly_fit_time_s`` and ``anomaly_epochs``);
+        :func:`evaluate_density`, :func:`evaluate_latents`,
+        :func:`evaluate_features` and :func:`evaluate_anomaly` (the last
+        under ``anomaly_*`` keys, with ``anomaly_fit_time_s``,
+        ``anomaly_epochs`` and ``anomaly_n_active``);
         ``'baselines'``: one dict per (method, n_components, seed);
         ``'summary'``: :func:`summarize` of both; ``'split'``: sizes;
         ``'models'``: ``{(covariance, n_components, seed): model}`` (not
@@ -573,88 +664,36 @@ def run_comparison(
         ``{seed: test indices}`` (not JSON either).
     """
     log = _silent if log is None else log
+    defaults = PROTOCOL_DEFAULTS.get(data.get("name"), {})
+    n_components = tuple(n_components or defaults.get("n_components", (10,)))
+    max_epochs = max_epochs or defaults.get("max_epochs", 20)
+    if patience is None:
+        patience = CovarianceVAE().patience
+    params.setdefault("batch_size", defaults.get("batch_size", 32))
+    params.setdefault("image_shape", tuple(data["image_shape"]))
     X, y = np.asarray(data["X"]), np.asarray(data["y"])
     if features is None:
         features = len(np.unique(y)) == 2
     if anomaly is None:
         anomaly = data.get("artefact_type") is not None
-    params.setdefault("image_shape", tuple(data["image_shape"]))
+    fit = dict(max_epochs=max_epochs, patience=patience, log=log, **params)
     runs, baselines, models, test_index, sizes = [], [], {}, {}, {}
     for seed in seeds:
         split = stratified_split(y, random_state=seed)
         test_index[seed] = split["test"]
         sizes = {k: int(len(v)) for k, v in split.items()}
-        tr, va, te = (X[split[k]] for k in ("train", "validation", "test"))
-        y_tr, y_te = y[split["train"]], y[split["test"]]
         for k in n_components:
             if features:
-                for name, metrics in evaluate_baselines(
-                    tr,
-                    y_tr,
-                    te,
-                    y_te,
-                    n_components=k,
-                    raw=k == n_components[0],  # raw pixels do not depend on K
-                    random_state=seed,
-                ).items():
-                    baselines.append(
-                        {
-                            "method": name,
-                            "n_components": None if name == "raw pixels" else k,
-                            "seed": seed,
-                            **metrics,
-                        }
-                    )
-                    log(
-                        f"[{name} seed={seed}] RandomForest ROC AUC "
-                        f"{metrics['rf_roc_auc']:.4f}, accuracy "
-                        f"{metrics['rf_accuracy']:.4f}"
-                    )
+                baselines += _baselines(X, y, split, k, k == n_components[0], seed, log)
             for cov in covariances:
-                tag = f"[{cov} K={k} seed={seed}]"
-                model, info = fit_with_early_stopping(
-                    tr,
-                    va,
-                    covariance=cov,
-                    n_components=k,
-                    max_epochs=max_epochs,
-                    patience=patience,
-                    random_state=seed,
-                    log=log,
-                    tag=tag,
-                    **params,
+                model, run = _fit_and_evaluate(
+                    data, split, cov, k, seed, features=features, **fit
                 )
-                run = {"covariance": cov, "n_components": k, "seed": seed, **info}
-                run.update(
-                    evaluate_density(
-                        model, te, quantized=data["quantized"], random_state=seed
-                    )
-                )
-                if features:
-                    run.update(
-                        evaluate_features(model, tr, y_tr, te, y_te, random_state=seed)
-                    )
                 if anomaly:
-                    normal = y == 1
-                    a_model, a_info = fit_with_early_stopping(
-                        X[split["train"][normal[split["train"]]]],
-                        X[split["validation"][normal[split["validation"]]]],
-                        covariance=cov,
-                        n_components=k,
-                        max_epochs=max_epochs,
-                        patience=patience,
-                        random_state=seed,
-                        log=log,
-                        tag=f"{tag}[real-only]",
-                        **params,
-                    )
-                    run["anomaly_epochs"] = a_info["epochs"]
-                    run["anomaly_fit_time_s"] = a_info["fit_time_s"]
-                    groups = np.asarray(data["artefact_type"])[split["test"]]
-                    run.update(evaluate_anomaly(a_model, te, y_te == 0, groups=groups))
+                    run.update(_anomaly_run(data, split, cov, k, seed, **fit))
                 models[(cov, k, seed)] = model
                 runs.append(run)
-                log(_run_line(tag, run))
+                log(_run_line(f"[{cov} K={k} seed={seed}]", run))
     return {
         "runs": runs,
         "baselines": baselines,
@@ -662,6 +701,72 @@ def run_comparison(
         "split": sizes,
         "models": models,
         "test_index": test_index,
+    }
+
+
+def _baselines(X, y, split, k, raw, seed, log):
+    """Rows of the raw-pixel and PCA(k) baselines for one split."""
+    tr, te = split["train"], split["test"]
+    rows = []
+    for name, metrics in evaluate_baselines(
+        X[tr], y[tr], X[te], y[te], n_components=k, raw=raw, random_state=seed
+    ).items():
+        n = None if name == "raw pixels" else k
+        rows.append({"method": name, "n_components": n, "seed": seed, **metrics})
+        log(
+            f"[{name} seed={seed}] RandomForest ROC AUC "
+            f"{metrics['rf_roc_auc']:.4f}, accuracy {metrics['rf_accuracy']:.4f}"
+        )
+    return rows
+
+
+def _fit_and_evaluate(data, split, cov, k, seed, *, features, **fit):
+    """Fit one model on train + validation; its metrics on the test part."""
+    X, y = np.asarray(data["X"]), np.asarray(data["y"])
+    tr, va, te = (split[name] for name in ("train", "validation", "test"))
+    model, info = fit_with_early_stopping(
+        X[tr],
+        X[va],
+        covariance=cov,
+        n_components=k,
+        random_state=seed,
+        tag=f"[{cov} K={k} seed={seed}]",
+        **fit,
+    )
+    run = {"covariance": cov, "n_components": k, "seed": seed, **info}
+    run.update(
+        evaluate_density(model, X[te], quantized=data["quantized"], random_state=seed)
+    )
+    run.update(evaluate_latents(model, X[te], tuple(data["image_shape"])))
+    if features:
+        run.update(
+            evaluate_features(model, X[tr], y[tr], X[te], y[te], random_state=seed)
+        )
+    return model, run
+
+
+def _anomaly_run(data, split, cov, k, seed, **fit):
+    """A model fitted on the real images only; its anomaly AUROC on test."""
+    from sk_covvae.datasets import REAL_LABEL
+
+    X, y = np.asarray(data["X"]), np.asarray(data["y"])
+    real = y == REAL_LABEL
+    tr, va, te = (split[name] for name in ("train", "validation", "test"))
+    model, info = fit_with_early_stopping(
+        X[tr[real[tr]]],
+        X[va[real[va]]],
+        covariance=cov,
+        n_components=k,
+        random_state=seed,
+        tag=f"[{cov} K={k} seed={seed}][real-only]",
+        **fit,
+    )
+    groups = np.asarray(data["artefact_type"])[te]
+    return {
+        "anomaly_epochs": info["epochs"],
+        "anomaly_fit_time_s": info["fit_time_s"],
+        "anomaly_n_active": info["n_active_components"],
+        **evaluate_anomaly(model, X[te], ~real[te], groups=groups),
     }
 
 
@@ -682,10 +787,17 @@ def _run_line(tag, run):
 
 _SUMMARY_KEYS = (
     "neg_recon_ll",
+    "neg_recon_ll_median",
     "neg_elbo",
     "neg_elbo_median",
     "bits_per_dim",
     "mse",
+    "mse_median",
+    "n_active",
+    "kl_total",
+    "mean_correlation",
+    "centre_flux_spearman",
+    "anomaly_n_active",
     "rf_roc_auc",
     "rf_accuracy",
     "anomaly_auroc",

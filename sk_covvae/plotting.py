@@ -295,8 +295,24 @@ def plot_roc(runs, baselines=()):
     return fig
 
 
+def _robust_limits(values, *, upper_quantile=0.9, margin=0.15):
+    """y-limits that show the bulk of ``values`` and leave rare spikes out."""
+    values = np.asarray([v for v in values if np.isfinite(v)])
+    low, high = np.min(values), np.quantile(values, upper_quantile)
+    pad = margin * max(high - low, 1e-9 * max(abs(low), 1.0))
+    return low - pad, high + pad
+
+
 def plot_training_curves(runs):
-    """Validation negative ELBO per epoch, one line per model.
+    """Validation (solid) and training (dotted) negative ELBO per epoch.
+
+    One colour per model. The epochs of the mean stage (spherical noise
+    model, see ``CovarianceVAE``'s ``mean_epochs``) are drawn thin and the
+    stage change is marked by a dot. The y-axis shows the bulk of the
+    values: a few epochs of a heavy-tailed data set can have losses orders
+    of magnitude above the rest (one saturated star in a mini-batch); they
+    are drawn as triangles on the upper edge instead of flattening every
+    curve.
 
     Parameters
     ----------
@@ -308,19 +324,63 @@ def plot_training_curves(runs):
     -------
     matplotlib.figure.Figure
     """
-    fig = _figure((5, 3.5))
+    fig = _figure((5.5, 3.8))
     ax = fig.subplots()
+    everything = [
+        h[key] for run in runs for h in run["history"] for key in ("valid_loss",)
+    ]
+    low, high = _robust_limits(everything)
     for run in runs:
-        valid = [h["valid_loss"] for h in run["history"]]
-        train = [h["train_loss"] for h in run["history"]]
-        epochs = np.arange(1, len(valid) + 1)
+        history = run["history"]
         color = _COLORS.get(run["covariance"])
-        ax.plot(epochs, valid, color=color, label=f"{run['covariance']} validation")
-        ax.plot(epochs, train, color=color, linestyle=":", label="train")
+        epochs = np.arange(1, len(history) + 1)
+        stage = np.array([h.get("stage", "joint") for h in history])
+        for key, style in (("valid_loss", "-"), ("train_loss", ":")):
+            values = np.array([h[key] for h in history])
+            shown = np.clip(values, None, high)
+            mean_stage = stage == "mean"
+            label = f"{run['covariance']}" if key == "valid_loss" else None
+            ax.plot(
+                epochs,
+                np.where(mean_stage, np.nan, shown),
+                style,
+                color=color,
+                label=label,
+            )
+            if mean_stage.any():
+                last = np.flatnonzero(mean_stage)[-1]
+                ax.plot(
+                    epochs[: last + 2],
+                    shown[: last + 2],
+                    style,
+                    color=color,
+                    linewidth=0.6,
+                )
+                if key == "valid_loss" and last + 1 < len(epochs):
+                    ax.plot(
+                        epochs[last + 1],
+                        shown[last + 1],
+                        "o",
+                        color=color,
+                        markersize=3,
+                    )
+            over = values > high
+            if over.any():
+                ax.plot(
+                    epochs[over],
+                    np.full(over.sum(), high),
+                    "^",
+                    color=color,
+                    markersize=4,
+                    clip_on=False,
+                )
+    ax.set_ylim(low, high)
     ax.set_xlabel("epoch")
     ax.set_ylabel("negative ELBO (nats/image)")
-    handles, labels = ax.get_legend_handles_labels()
-    keep = [i for i, lab in enumerate(labels) if lab != "train" or i == 1]
-    ax.legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7)
+    ax.set_title(
+        "validation (solid), train (dotted); thin: mean stage; \u25b2: off the scale",
+        fontsize=8,
+    )
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig

@@ -82,12 +82,40 @@ def test_bad_options_exit_nonzero(args, message, capsys):
 
 
 def test_device_error_is_reported_without_traceback(tmp_path, capsys):
-    status = main(
-        ["compare", "--quick", "--device", "nonsense", "--out", str(tmp_path)]
-    )
-    assert status == 2
-    err = capsys.readouterr().err
-    assert "device='nonsense' is not a valid torch device" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--quick", "--device", "nonsense", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "'nonsense' is not a torch device" in capsys.readouterr().err
+
+
+def test_a_bug_is_not_turned_into_a_usage_error(monkeypatch, tmp_path):
+    # Only user errors get the one-line treatment; a ValueError from inside
+    # the run is a bug, and its traceback must reach the user.
+    from sk_covvae import experiments
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(experiments, "run_comparison", broken)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        main(["compare", "--quick", "--out", str(tmp_path)])
+
+
+def test_options_not_given_are_not_passed(monkeypatch, tmp_path):
+    from sk_covvae import experiments
+
+    seen = {}
+
+    def record(data, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before any fit
+
+    monkeypatch.setattr(experiments, "run_comparison", record)
+    with pytest.raises(KeyboardInterrupt):
+        main(["compare", "--n-samples", "40", "--lr", "0.01", "--out", str(tmp_path)])
+    assert seen["lr"] == 0.01
+    for name in ("batch_size", "min_scale", "max_scale", "patience", "device"):
+        assert name not in seen, name
 
 
 def test_figures_without_a_saved_run_is_a_clear_error(tmp_path, capsys):

@@ -74,24 +74,53 @@ def test_uniform_density_is_eight_bits_per_dim():
     assert bits_per_dim(784 * math.log(2.0), 784) == pytest.approx(7.0)
 
 
-def test_early_stopping_restores_the_best_validation_epoch(stamps):
+@pytest.mark.parametrize("covariance", ["diagonal", "spherical"])
+def test_early_stopping_restores_the_best_validation_epoch(stamps, covariance):
     X = stamps["X"]
     model, info = fit_with_early_stopping(
         X[:100],
         X[100:140],
-        covariance="diagonal",
+        covariance=covariance,
         n_components=2,
         max_epochs=4,
         patience=1,
         random_state=0,
+        mean_epochs=3,
         **TINY,
     )
-    valid = [h["valid_loss"] for h in info["history"]]
-    assert info["epochs"] == len(valid) <= 4
-    assert info["best_epoch"] == int(np.argmin(valid)) + 1
-    assert -model.score(X[100:140]) == pytest.approx(min(valid), rel=1e-9)
+    history = info["history"]
+    stages = [h["stage"] for h in history]
+    last = [h["valid_loss"] for h in history if h["stage"] == stages[-1]]
+    first = len(history) - len(last)
+    assert info["epochs"] == len(history) <= (4 if covariance == "spherical" else 7)
+    assert set(stages[:first]) <= {"mean"} and set(stages[first:]) == {"joint"}
+    assert info["best_epoch"] == first + int(np.argmin(last)) + 1
     if info["stopped_by"] == "early_stopping":
         assert info["epochs"] == info["best_epoch"] + 1
+    # The hold-out has the validation part's share of the pooled images.
+    assert model.validation_fraction == pytest.approx(40 / 140)
+
+
+def test_fitted_models_describe_how_they_were_fitted(stamps):
+    X = stamps["X"]
+    model, _ = fit_with_early_stopping(
+        X[:100],
+        X[100:140],
+        covariance="banded",
+        n_components=2,
+        max_epochs=2,
+        patience=None,
+        random_state=3,
+        **TINY,
+    )
+    params = model.get_params()
+    assert params["max_epochs"] == 2 and params["patience"] is None
+    assert params["random_state"] == 3 and params["warm_start"] is False
+    # Refitting a clone with those parameters gives the same model.
+    from sklearn.base import clone
+
+    again = clone(model).fit(X[:140])
+    np.testing.assert_array_equal(again.transform(X[140:]), model.transform(X[140:]))
 
 
 def test_run_comparison_returns_finite_metrics_for_the_three_models(result):
