@@ -1,12 +1,11 @@
 """Reader for ZTF-style Avro alert packets (optional extra ``astro``)."""
 
-import gzip
-import io
 import numbers
 
 import numpy as np
 from sklearn.utils import Bunch
 
+from sk_covvae.datasets._fits import read_cutout
 from sk_covvae.datasets._hits import _as_path_list
 
 #: Side of a full ZTF cutout; cutouts at the CCD edge are clipped below it.
@@ -19,24 +18,20 @@ _CUTOUTS = {
 }
 
 
-def _import_astro():
+def _import_fastavro():
     try:
         import fastavro
-        from astropy.io import fits
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "read_alert_cutouts needs the optional dependencies fastavro and "
-            "astropy: pip install sk_covvae[astro]"
+            "read_alert_cutouts needs the optional dependency fastavro: "
+            "pip install sk_covvae[astro]"
         ) from exc
-    return fastavro, fits
+    return fastavro
 
 
-def _decode_cutout(cutout, fits):
-    data = cutout["stampData"]
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    with fits.open(io.BytesIO(data), ignore_missing_simple=True) as hdul:
-        return np.array(hdul[0].data, dtype=np.float32)
+def _decode_cutout(cutout):
+    # the built-in FITS reader: the values astropy gives, a few times faster
+    return read_cutout(cutout["stampData"])[0].astype(np.float32)
 
 
 def _centre(length, pos0, nominal=ZTF_CUTOUT_SIZE):
@@ -69,8 +64,9 @@ def read_alert_cutouts(paths, stamp_size=21, *, on_edge="pad", return_X_y=False)
     ``cutoutTemplate``, ``cutoutDifference``, normally 63x63 pixels centred on
     the candidate) and the candidate record. This reader returns the central
     ``stamp_size`` square of each cutout, the candidate id, and the packet's
-    own real-bogus score ``candidate.rb``. Needs the optional dependencies
-    fastavro and astropy (``pip install sk_covvae[astro]``).
+    own real-bogus score ``candidate.rb``. Needs the optional dependency
+    fastavro (``pip install sk_covvae[astro]``). :func:`read_alerts` reads
+    whole cutouts of ZTF and Rubin alerts in more formats.
 
     Near the CCD edge ZTF clips the cutout (e.g. 41x63). The candidate's
     position in the clipped cutout is recovered from ``candidate.xpos`` /
@@ -131,7 +127,7 @@ def read_alert_cutouts(paths, stamp_size=21, *, on_edge="pad", return_X_y=False)
     Raises
     ------
     ImportError
-        When fastavro or astropy is missing.
+        When fastavro is missing.
 
     Examples
     --------
@@ -160,13 +156,13 @@ def read_alert_cutouts(paths, stamp_size=21, *, on_edge="pad", return_X_y=False)
             files.append(path)
         else:
             raise FileNotFoundError(f"No such Avro file or folder: {path}")
-    fastavro, fits = _import_astro()
+    fastavro = _import_fastavro()
 
     rows = []
     for path in files:
         with open(path, "rb") as f:
             for packet in fastavro.reader(f):
-                rows.append(_read_packet(packet, path, stamp_size, fits))
+                rows.append(_read_packet(packet, path, stamp_size))
     if on_edge == "skip":
         rows = [r for r in rows if not r["padded"]]
 
@@ -199,12 +195,12 @@ def read_alert_cutouts(paths, stamp_size=21, *, on_edge="pad", return_X_y=False)
     )
 
 
-def _read_packet(packet, path, stamp_size, fits):
+def _read_packet(packet, path, stamp_size):
     cand = packet.get("candidate") or {}
     xpos, ypos = cand.get("xpos"), cand.get("ypos")
     row = {"padded": False}
     for key, field in _CUTOUTS.items():
-        image = _decode_cutout(packet[field], fits)
+        image = _decode_cutout(packet[field])
         cy = _centre(image.shape[0], None if ypos is None else ypos - 1.0)
         cx = _centre(image.shape[1], None if xpos is None else xpos - 1.0)
         half = stamp_size // 2

@@ -1,0 +1,829 @@
+"""Readers of real alert packets: ZTF and Rubin Avro, Kafka frames, Parquet.
+
+The optional engines (fastavro, pyarrow, pandas, lsst-alert-packet) are
+imported inside the functions that need them, so that importing
+:mod:`sk_covvae.datasets` needs none of them (``pip install sk_covvae[astro]``
+installs them all).
+"""
+
+import functools
+import io
+import json
+import math
+import os
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from sklearn.utils import Bunch
+
+from sk_covvae.datasets._alerts import ZTF_CUTOUT_SIZE, _centre
+from sk_covvae.datasets._fits import FITSError, read_cutout
+
+#: Order of the three planes of every stamp in ``images`` and ``variance``.
+ALERT_CHANNELS = ("science", "template", "difference")
+_CUTOUT_FIELDS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
+
+#: Suffixes of the files read when a folder is given.
+ALERT_FILE_SUFFIXES = (".avro", ".parquet", ".pq")
+
+_ZTF_BANDS = {1: "g", 2: "r", 3: "i"}
+_AVRO_MAGIC = b"Obj\x01"
+_PARQUET_MAGIC = b"PAR1"
+_AVRO_HEADER_SCHEMA = {
+    "type": "record",
+    "name": "org.apache.avro.file.Header",
+    "fields": [
+        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}},
+    ],
+}
+# The fields of ZTF and Rubin alerts that the readers use. Avro records are
+# decoded with a reader schema holding only these (the history, such as
+# prv_candidates, is skipped instead of being built as Python objects: about
+# half the decoding time), and Parquet tables are read for these columns.
+_TOP_FIELDS = frozenset(
+    ("objectId", "candid", "candidate", "diaSourceId", "alertId", "diaSource")
+    + ("diaObject",)
+    + _CUTOUT_FIELDS
+)
+_SUB_FIELDS = {
+    "candidate": frozenset("candid jd fid ra dec rb drb isdiffpos xpos ypos".split()),
+    "diaSource": frozenset(
+        "diaSourceId diaObjectId midpointMjdTai midPointTai band filterName ra "
+        "dec decl reliability is_negative".split()
+    ),
+    "diaObject": frozenset(["diaObjectId"]),
+}
+_PARQUET_BATCH = 256
+
+
+class AlertReadError(ValueError):
+    """A file or message that cannot be read as alerts.
+
+    Attributes
+    ----------
+    source : str
+        The file (or ``'<message i>'`` for bytes given in memory).
+    reason : str
+        What is wrong with it.
+    """
+
+    def __init__(self, source, reason):
+        self.source = str(source)
+        self.reason = str(reason)
+        super().__init__(f"{self.source}: {self.reason}")
+
+
+class AlertReadWarning(UserWarning):
+    """Warns of a file or alert skipped by ``on_error='skip'``."""
+
+
+# --------------------------------------------------------------------------
+# optional engines
+# --------------------------------------------------------------------------
+
+
+def _require(module, what, package=None):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"{what} needs the optional dependency {package or module}: "
+            "pip install sk_covvae[astro]"
+        ) from exc
+
+
+def _project(schema):
+    """A reader schema with only the fields the readers use, or None."""
+    if not isinstance(schema, Mapping) or schema.get("type") != "record":
+        return None
+    # a parsed schema (e.g. from fastavro.schema.load_schema) is re-parsed
+    schema = {k: v for k, v in schema.items() if not k.startswith("__")}
+
+    def keep(t, names):
+        if isinstance(t, list):
+            return [keep(u, names) for u in t]
+        if isinstance(t, Mapping) and t.get("type") == "record":
+            return {**t, "fields": [f for f in t["fields"] if f["name"] in names]}
+        return t
+
+    fields = [
+        {**f, "type": keep(f["type"], _SUB_FIELDS[f["name"]])}
+        if f["name"] in _SUB_FIELDS
+        else f
+        for f in schema["fields"]
+        if f["name"] in _TOP_FIELDS
+    ]
+    return {**schema, "fields": fields}
+
+
+def _parse_schemas(schema):
+    """Parsed ``(writer, reader)`` schemas; reader is None to read everything."""
+    fastavro = _require("fastavro", "Reading Avro alerts")
+    writer = fastavro.parse_schema(schema)
+    projected = _project(schema)
+    try:
+        reader = None if projected is None else fastavro.parse_schema(projected)
+    except Exception:  # e.g. a kept field refers to a type defined in a dropped one
+        reader = None
+    return writer, reader
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_writer_schema(schema_json):
+    """Parse an Avro schema once per distinct schema text (a cheap dict look-up
+    for every later file written with the same schema)."""
+    return _parse_schemas(json.loads(schema_json))
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_header_schema():
+    fastavro = _require("fastavro", "Reading Avro alerts")
+    return fastavro.parse_schema(_AVRO_HEADER_SCHEMA)
+
+
+@functools.lru_cache(maxsize=256)
+def _rubin_schema(schema_id):
+    """The Rubin alert schema that lsst-alert-packet ships for a schema id.
+
+    The package numbers its schemas ``major * 100 + minor`` (its
+    ``Schema.get_schema_id``; e.g. 701 for v7.1) and ships the ``.avsc``
+    files, so no schema registry is contacted.
+    """
+    packet = _require(
+        "lsst.alert.packet", "Decoding Rubin Kafka messages", "lsst-alert-packet"
+    )
+    major, minor = divmod(int(schema_id), 100)
+    path = Path(packet.get_schema_path(major, minor))
+    path = path / f"lsst.v{major}_{minor}.alert.avsc"
+    if not path.is_file():
+        return None
+    return _parse_schemas(packet.Schema.from_file(str(path)).definition)
+
+
+def _schema_resolver(schema):
+    """A function from a Confluent schema id to parsed (writer, reader) schemas."""
+    if schema is None:
+        return _rubin_schema
+    fastavro = _require("fastavro", "Reading Avro alerts")
+
+    def parse(s):
+        if isinstance(s, str | os.PathLike):
+            s = fastavro.schema.load_schema(str(s))
+        return _parse_schemas(s)
+
+    if isinstance(schema, Mapping) and not all(isinstance(k, int) for k in schema):
+        one = parse(schema)  # a single Avro schema, used for every id
+        return lambda schema_id: one
+    if isinstance(schema, Mapping):
+        cache = {}
+
+        def by_id(schema_id):
+            if schema_id not in cache:
+                cache[schema_id] = (
+                    parse(schema[schema_id]) if schema_id in schema else None
+                )
+            return cache[schema_id]
+
+        return by_id
+    if isinstance(schema, str | os.PathLike | list):
+        one = parse(schema)
+        return lambda schema_id: one
+    raise TypeError(
+        "schema must be None, an Avro schema (dict or .avsc path) or a mapping "
+        f"from Confluent schema id to schema, got {type(schema).__name__}."
+    )
+
+
+# --------------------------------------------------------------------------
+# containers: Avro files, Confluent frames, Parquet
+# --------------------------------------------------------------------------
+
+
+def _read_long(f):
+    """One zig-zag varint (Avro ``long``); None at the end of the file."""
+    byte = f.read(1)
+    if not byte:
+        return None
+    b = byte[0]
+    n, shift = b & 0x7F, 7
+    while b & 0x80:
+        byte = f.read(1)
+        if not byte:
+            raise EOFError("file ends inside a block header")
+        b = byte[0]
+        n |= (b & 0x7F) << shift
+        shift += 7
+    return (n >> 1) ^ -(n & 1)
+
+
+def _avro_container(f, fastavro):
+    """Records of an Avro object container file, one block in memory at once.
+
+    The writer schema is parsed once per distinct schema text (not once per
+    file, as ``fastavro.reader`` does); codecs other than null and deflate go
+    through ``fastavro.reader``.
+    """
+    header = fastavro.schemaless_reader(f, _parsed_header_schema())
+    meta = header["meta"]
+    codec = meta.get("avro.codec", b"null").decode()
+    if codec not in ("null", "deflate"):
+        f.seek(0)
+        yield from fastavro.reader(f)
+        return
+    writer, reader = _parsed_writer_schema(meta["avro.schema"].decode())
+    sync = header["sync"]
+    while (count := _read_long(f)) is not None:
+        size = _read_long(f)
+        if size is None or count < 0 or size < 0:
+            raise ValueError("corrupt block header")
+        data = f.read(size)
+        if len(data) < size:
+            raise EOFError(f"block of {size} bytes, {len(data)} present")
+        if codec == "deflate":
+            data = zlib.decompress(data, -15)
+        block = io.BytesIO(data)
+        for _ in range(count):
+            yield fastavro.schemaless_reader(block, writer, reader)
+        if f.read(16) != sync:
+            raise ValueError("expected sync marker not found")
+
+
+def _confluent_frames(f, resolve, fastavro):
+    """Records of one or more Confluent wire-format messages in a row.
+
+    Each is a magic byte 0, a 4-byte big-endian schema id and an Avro body
+    without schema, decoded with the schema ``resolve(schema_id)``.
+    """
+    while head := f.read(5):
+        if len(head) < 5 or head[0] != 0:
+            raise ValueError(f"bad Confluent wire-format header {head!r}")
+        schema_id = int.from_bytes(head[1:], "big")
+        schemas = resolve(schema_id)
+        if schemas is None:
+            raise LookupError(
+                f"no Avro schema for Confluent schema id {schema_id}: pass "
+                "schema= (lsst-alert-packet ships Rubin's, numbered "
+                "major * 100 + minor)"
+            )
+        yield fastavro.schemaless_reader(f, *schemas)
+
+
+def _unflatten(row):
+    """Nest ``{'a.b': v}`` columns of a flattened table as ``{'a': {'b': v}}``."""
+    if not any("." in k for k in row):
+        return row
+    out = {}
+    for key, value in row.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = node[p] = {}
+            node = child
+        node.setdefault(leaf, value)
+    return out
+
+
+def _parquet_rows(source):
+    pq = _require("pyarrow.parquet", "Reading Parquet alert tables", "pyarrow")
+    pa = _require("pyarrow", "Reading Parquet alert tables")
+    handle = pa.BufferReader(source) if isinstance(source, bytes) else str(source)
+    pf = pq.ParquetFile(handle)
+    columns = [n for n in pf.schema_arrow.names if n.split(".")[0] in _TOP_FIELDS]
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
+        for row in batch.to_pylist():
+            yield _unflatten(row)
+
+
+def _records(source, resolve, fastavro):
+    """``(index, record)`` for every alert of one file or in-memory message."""
+    if isinstance(source, bytes):
+        f = io.BytesIO(source)
+    else:
+        f = open(source, "rb")  # noqa: SIM115 - closed below, also on errors
+    with f:
+        head = f.read(4)
+        f.seek(0)
+        if head == _AVRO_MAGIC:
+            records = _avro_container(f, fastavro)
+        elif head == _PARQUET_MAGIC:
+            records = _parquet_rows(source)
+        elif head[:1] == b"\0":
+            records = _confluent_frames(f, resolve, fastavro)
+        elif not head:
+            raise ValueError("empty file")
+        else:
+            raise ValueError(
+                "not an Avro container file, a Parquet file or a Confluent "
+                f"wire-format message (it starts with {head!r})"
+            )
+        index = 0
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                return
+            except ImportError:
+                raise
+            except LookupError as exc:  # no schema for a Confluent message
+                raise ValueError(str(exc)) from exc
+            except Exception as exc:  # fastavro/pyarrow raise many kinds
+                raise ValueError(
+                    f"corrupt or truncated data after {index} alert(s) "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            yield index, record
+            index += 1
+
+
+# --------------------------------------------------------------------------
+# one alert
+# --------------------------------------------------------------------------
+
+
+def _stamp_bytes(cutout):
+    if isinstance(cutout, Mapping):  # ZTF: {'fileName': ..., 'stampData': ...}
+        cutout = cutout.get("stampData")
+    return None if cutout is None else bytes(cutout)
+
+
+def _float(value):
+    return math.nan if value is None else float(value)
+
+
+def _ztf_fields(rec):
+    cand = rec.get("candidate") or {}
+    candid = rec.get("candid", cand.get("candid"))
+    jd = cand.get("jd")
+    isdiffpos = cand.get("isdiffpos")
+    return {
+        "survey": "ztf",
+        "alert_id": candid,
+        "object_id": rec.get("objectId"),
+        "mjd": math.nan if jd is None else float(jd) - 2400000.5,
+        "band": _ZTF_BANDS.get(cand.get("fid"), None),
+        "ra": _float(cand.get("ra")),
+        "dec": _float(cand.get("dec")),
+        "rb": _float(cand.get("rb")),
+        "drb": _float(cand.get("drb")),
+        "reliability": math.nan,
+        "isdiffpos": (
+            None if isdiffpos is None else str(isdiffpos).lower() in ("t", "1", "true")
+        ),
+    }, (cand.get("ypos"), cand.get("xpos"))
+
+
+def _rubin_fields(rec):
+    src = rec.get("diaSource") or {}
+    alert_id = src.get("diaSourceId")
+    if alert_id is None:
+        alert_id = rec.get("diaSourceId", rec.get("alertId"))
+    obj = (rec.get("diaObject") or {}).get("diaObjectId")
+    if obj is None:
+        obj = src.get("diaObjectId")
+    mjd = src.get("midpointMjdTai", src.get("midPointTai"))
+    negative = src.get("is_negative")
+    return {
+        "survey": "rubin",
+        "alert_id": alert_id,
+        "object_id": None if obj is None else str(int(obj)),
+        "mjd": _float(mjd),
+        "band": src.get("band", src.get("filterName")),
+        "ra": _float(src.get("ra")),
+        "dec": _float(src.get("dec", src.get("decl"))),
+        "rb": math.nan,
+        "drb": math.nan,
+        "reliability": _float(src.get("reliability")),
+        "isdiffpos": None if negative is None else not negative,
+    }, (None, None)
+
+
+def _alert_row(rec):
+    """Fields, cutout planes and candidate positions of one alert record."""
+    if "candidate" in rec:
+        fields, (ypos, xpos) = _ztf_fields(rec)
+    elif "diaSource" in rec:
+        fields, (ypos, xpos) = _rubin_fields(rec)
+    else:
+        raise ValueError(
+            "neither a ZTF alert (no 'candidate') nor a Rubin alert (no "
+            f"'diaSource'); fields: {sorted(rec)[:12]}"
+        )
+    if fields["alert_id"] is None:
+        raise ValueError("the alert has no candid / diaSourceId")
+    fields["alert_id"] = int(fields["alert_id"])
+    planes, variances, centres = [], [], []
+    for name in _CUTOUT_FIELDS:
+        data = _stamp_bytes(rec.get(name))
+        if data is None:
+            planes.append(None)
+            variances.append(None)
+            centres.append(None)
+            continue
+        try:
+            image, variance = read_cutout(data)
+        except FITSError as exc:
+            raise FITSError(f"{name}: {exc}") from exc
+        planes.append(image)
+        variances.append(variance)
+        h, w = image.shape
+        centres.append((_candidate_index(h, ypos), _candidate_index(w, xpos)))
+    fields.update(planes=planes, variances=variances, centres=centres)
+    return fields
+
+
+def _candidate_index(length, pos):
+    """Index of the candidate along one axis of a cutout.
+
+    Cutouts are centred on the candidate, except ZTF cutouts clipped at the
+    low edge of the CCD, which start at CCD pixel 0: ``pos`` (ZTF's 1-based
+    ``xpos`` / ``ypos``) then gives the candidate's index, as in
+    :func:`read_alert_cutouts`.
+    """
+    if pos is None or length >= ZTF_CUTOUT_SIZE:
+        return length // 2
+    return _centre(length, pos - 1.0)
+
+
+def _place(out, image, cy, cx):
+    """Copy ``image`` into ``out`` with pixel (cy, cx) at the centre of
+    ``out``; return whether part of ``out`` lies outside ``image`` (left NaN)."""
+    h, w = out.shape
+    y0, x0 = cy - h // 2, cx - w // 2
+    ys = slice(max(y0, 0), min(y0 + h, image.shape[0]))
+    xs = slice(max(x0, 0), min(x0 + w, image.shape[1]))
+    if ys.start < ys.stop and xs.start < xs.stop:
+        out[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = image[ys, xs]
+    return not (ys.stop - ys.start == h and xs.stop - xs.start == w)
+
+
+# --------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------
+
+
+def _common_shape(rows):
+    """The most frequent cutout shape; ties go to the larger one."""
+    counts = Counter(p.shape for r in rows for p in r["planes"] if p is not None)
+    if not counts:
+        return (0, 0)
+    return max(counts, key=lambda s: (counts[s], s[0] * s[1], s))
+
+
+_FRAME_COLUMNS = (
+    "survey",
+    "alert_id",
+    "object_id",
+    "mjd",
+    "band",
+    "ra",
+    "dec",
+    "rb",
+    "drb",
+    "reliability",
+    "isdiffpos",
+    "padded",
+    "n_missing_cutouts",
+    "cutout_height",
+    "cutout_width",
+    "source",
+    "record_index",
+)
+
+
+def _bunch(rows, shape, skipped):
+    """Stack rows into the Bunch that read_alerts and iter_alerts return."""
+    pd = _require("pandas", "read_alerts")
+    n, (h, w) = len(rows), shape
+    images = np.full((n, 3, h, w), np.nan, dtype=np.float32)
+    has_variance = any(v is not None for r in rows for v in r["variances"])
+    variance = np.full_like(images, np.nan) if has_variance else None
+    padded = np.zeros(n, dtype=bool)
+    n_missing = np.zeros(n, dtype=np.int64)
+    cutout_shape = np.zeros((n, 2), dtype=np.int64)
+    for i, row in enumerate(rows):
+        for c, image in enumerate(row["planes"]):
+            if image is None:
+                n_missing[i] += 1
+                continue
+            cy, cx = row["centres"][c]
+            padded[i] |= _place(images[i, c], image, cy, cx)
+            if variance is not None and row["variances"][c] is not None:
+                _place(variance[i, c], row["variances"][c], cy, cx)
+        shapes = [p.shape for p in row["planes"][::-1] if p is not None]
+        cutout_shape[i] = shapes[0] if shapes else (0, 0)
+    isdiffpos = pd.array([r["isdiffpos"] for r in rows], dtype="boolean")
+    frame = pd.DataFrame(
+        {
+            "survey": pd.Series([r["survey"] for r in rows], dtype=object),
+            "alert_id": np.array([r["alert_id"] for r in rows], dtype=np.int64),
+            "object_id": pd.Series([r["object_id"] for r in rows], dtype=object),
+            "mjd": np.array([r["mjd"] for r in rows], dtype=np.float64),
+            "band": pd.Series([r["band"] for r in rows], dtype=object),
+            "ra": np.array([r["ra"] for r in rows], dtype=np.float64),
+            "dec": np.array([r["dec"] for r in rows], dtype=np.float64),
+            "rb": np.array([r["rb"] for r in rows], dtype=np.float64),
+            "drb": np.array([r["drb"] for r in rows], dtype=np.float64),
+            "reliability": np.array([r["reliability"] for r in rows], np.float64),
+            "isdiffpos": isdiffpos,
+            "padded": padded,
+            "n_missing_cutouts": n_missing,
+            "cutout_height": cutout_shape[:, 0],
+            "cutout_width": cutout_shape[:, 1],
+            "source": pd.Series([r["source"] for r in rows], dtype=object),
+            "record_index": np.array([r["record_index"] for r in rows], np.int64),
+        },
+        columns=list(_FRAME_COLUMNS),
+    )
+    return Bunch(
+        images=images,
+        variance=variance,
+        frame=frame,
+        skipped=list(skipped),
+        image_shape=(3, h, w),
+        channels=ALERT_CHANNELS,
+    )
+
+
+# --------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------
+
+
+def _sources(paths):
+    """Files and in-memory messages to read, in order."""
+    if isinstance(paths, bytes | bytearray | memoryview | str | os.PathLike):
+        paths = [paths]
+    try:
+        items = list(paths)
+    except TypeError as exc:
+        raise TypeError(
+            "paths must be a file, a folder, bytes of one message, or an "
+            f"iterable of them, got {type(paths).__name__}."
+        ) from exc
+    if not items:
+        raise ValueError("paths is empty: give at least one file or folder.")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, bytes | bytearray | memoryview):
+            out.append((f"<message {i}>", bytes(item)))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in ALERT_FILE_SUFFIXES
+                and p.is_file()
+                and not p.name.startswith((".", "_"))
+            )
+            if not files:
+                raise ValueError(
+                    f"No alert files ({', '.join(ALERT_FILE_SUFFIXES)}) in {path}"
+                )
+            out.extend((str(p), p) for p in files)
+        elif path.is_file():
+            out.append((str(path), path))
+        else:
+            raise FileNotFoundError(f"No such alert file or folder: {path}")
+    return out
+
+
+def _check_size(size):
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int | np.integer) else tuple(size)
+    if len(pair) != 2 or not all(
+        isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0
+        for s in pair
+    ):
+        raise ValueError(
+            f"size must be None, a positive int or a pair (h, w) of them, got {size!r}."
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def _check_on_error(on_error):
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+
+
+def _rows(sources, resolve, on_error, skipped):
+    """Every readable alert of ``sources``; failures raise or go to ``skipped``."""
+    fastavro = _require("fastavro", "Reading alerts")
+
+    def fail(name, reason, exc):
+        if on_error == "raise":
+            raise AlertReadError(name, reason) from exc
+        warnings.warn(f"Skipped {name}: {reason}", AlertReadWarning, stacklevel=5)
+        skipped.append((name, reason))
+
+    for name, source in sources:
+        try:
+            for index, record in _records(source, resolve, fastavro):
+                try:
+                    row = _alert_row(record)
+                except (ValueError, TypeError, KeyError) as exc:
+                    fail(name, f"alert {index}: {exc}", exc)
+                    continue
+                row["source"], row["record_index"] = name, index
+                yield row
+        except AlertReadError:
+            raise
+        except (OSError, ValueError) as exc:
+            fail(name, str(exc), exc)
+
+
+def _batches(rows, batch_size, shape, skipped):
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == batch_size:
+            shape = shape or _common_shape(batch)
+            yield _bunch(batch, shape, skipped)
+            skipped.clear()
+            batch = []
+    if batch or skipped:
+        yield _bunch(batch, shape or _common_shape(batch), skipped)
+
+
+# --------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------
+
+
+def read_alerts(paths, *, size=None, on_error="raise", schema=None):
+    """Read cutouts and key fields of ZTF and Rubin alert packets.
+
+    Reads, in order, every alert of the given files (or of every
+    ``*.avro`` / ``*.parquet`` / ``*.pq`` file under a folder, sorted,
+    recursively). The format is recognised from the content:
+
+    - **Avro object container files**, one or many alerts each: ZTF packets
+      (schemas 2.0 to 3.5; gzip-compressed FITS cutouts) and Rubin packets
+      (FITS cutouts with HDUs ``PRIMARY``, ``UNCERT`` (the variance) and
+      ``PSFIMAGE``), including those re-written by a broker.
+    - **Kafka messages in the Confluent wire format**: a zero byte, a
+      4-byte big-endian schema id, then an Avro body without schema, decoded
+      with ``schema`` (several messages may follow each other in a file, and
+      bytes may be given in memory instead of files).
+    - **Parquet tables** with the alerts' fields as columns, as brokers keep
+      them (cutout columns hold the FITS bytes, also as a struct with a
+      ``stampData`` field or a flattened ``cutoutScience.stampData`` column).
+
+    The cutouts are brought to one size, ``size`` or else the most frequent
+    cutout shape: larger ones are cropped and smaller ones padded with NaN
+    around the candidate (cutouts are centred on it, except ZTF cutouts
+    clipped at the low CCD edge, where ``candidate.xpos``/``ypos`` locate it).
+    A missing cutout gives a NaN plane, never a dropped alert. FITS cutouts
+    are decoded by a small built-in reader (astropy for unusual ones).
+    Needs fastavro and pandas (and pyarrow for Parquet, lsst-alert-packet for
+    Rubin messages without ``schema``): ``pip install sk_covvae[astro]``.
+
+    Parameters
+    ----------
+    paths : str, path-like, bytes, or iterable of them
+        Files, folders, or bytes objects each holding one file's content
+        (e.g. the values of Kafka messages).
+    size : int or (int, int), optional
+        Height and width of the returned stamps. Default: the most frequent
+        cutout shape among the alerts read (ties go to the larger shape).
+    on_error : {'raise', 'skip'}, default='raise'
+        What to do with a file or alert that cannot be read: raise
+        :class:`AlertReadError`, or warn (:class:`AlertReadWarning`) and list
+        it in ``skipped``. A file that breaks off midway keeps the alerts
+        read before the break.
+    schema : dict, str, path-like or mapping, optional
+        Avro schema of Confluent-framed messages: a schema (dict or ``.avsc``
+        file) for every message, or a mapping ``{schema_id: schema}``.
+        Default: the Rubin alert schemas that lsst-alert-packet ships, looked
+        up by schema id (``major * 100 + minor``). Files with their own
+        schema (Avro containers, Parquet) ignore it.
+
+    Returns
+    -------
+    alerts : :class:`~sklearn.utils.Bunch`
+        With ``n`` alerts and stamps of height ``h`` and width ``w``:
+
+        images : ndarray of shape (n, 3, h, w), float32
+            Science, template and difference cutouts (``channels``) in the
+            survey's units, NaN where masked, padded or missing. Flatten with
+            ``images.reshape(n, -1)`` for ``image_shape=(3, h, w)``.
+        variance : ndarray of shape (n, 3, h, w), float32, or None
+            The variance planes of the three cutouts (Rubin's ``UNCERT``
+            HDUs), NaN where absent; None when no alert has any.
+        frame : pandas.DataFrame
+            One row per alert: ``survey`` ('ztf' or 'rubin'), ``alert_id``
+            (int64: ZTF ``candid``, Rubin ``diaSourceId``), ``object_id``
+            (str: ZTF ``objectId``, Rubin ``diaObjectId`` in decimal; None
+            when absent), ``mjd`` (ZTF ``candidate.jd - 2400000.5``, start of
+            exposure; Rubin ``midpointMjdTai``, exposure midpoint in TAI),
+            ``band``, ``ra``, ``dec``, the real/bogus scores ``rb`` and
+            ``drb`` (ZTF) and ``reliability`` (Rubin), NaN when absent,
+            ``isdiffpos`` (difference positive; nullable boolean),
+            ``padded`` (part of a stamp lies outside its cutout),
+            ``n_missing_cutouts``, ``cutout_height`` and ``cutout_width``
+            (as stored), ``source`` (file) and ``record_index`` (position
+            in it).
+        skipped : list of (str, str)
+            ``(source, reason)`` of everything skipped (``on_error='skip'``).
+        image_shape : tuple
+            ``(3, h, w)``.
+        channels : tuple of str
+            ``('science', 'template', 'difference')``.
+
+    Raises
+    ------
+    AlertReadError
+        With ``on_error='raise'``, for a file that is not an alert file,
+        is corrupt or truncated, or holds an unreadable alert; the message
+        names the file and the cause. A ValueError.
+    FileNotFoundError
+        When a path does not exist.
+    ImportError
+        When an optional dependency that the files need is missing.
+
+    See Also
+    --------
+    iter_alerts : The same, in batches of bounded memory.
+    sk_covvae.preprocessing.StampPreprocessor : Crop, fill and normalise.
+
+    Examples
+    --------
+    >>> from sk_covvae.datasets import read_alerts
+    >>> alerts = read_alerts("ztf_alerts/")  # doctest: +SKIP
+    >>> alerts.images.shape, alerts.frame.alert_id.dtype  # doctest: +SKIP
+    ((15, 3, 63, 63), dtype('int64'))
+    >>> X = alerts.images.reshape(len(alerts.images), -1)  # doctest: +SKIP
+    """
+    shape = _check_size(size)
+    _check_on_error(on_error)
+    sources, resolve, skipped = _sources(paths), _schema_resolver(schema), []
+    rows = list(_rows(sources, resolve, on_error, skipped))
+    return _bunch(rows, shape or _common_shape(rows), skipped)
+
+
+def iter_alerts(paths, *, batch_size=1000, size=None, on_error="raise", schema=None):
+    """Read alert packets in batches, holding one batch in memory.
+
+    The streaming form of :func:`read_alerts` (same formats, arguments and
+    Bunch), for archives too large to hold at once: files, multi-alert Avro
+    containers and Parquet tables are read alert by alert.
+
+    Parameters
+    ----------
+    paths : str, path-like, bytes, or iterable of them
+        As in :func:`read_alerts`.
+    batch_size : int, default=1000
+        Most alerts per batch; every batch but the last holds exactly
+        ``batch_size``.
+    size : int or (int, int), optional
+        Height and width of the stamps. Default: the most frequent cutout
+        shape of the first batch, kept for all later batches (pass ``size``
+        for the same stamps whatever the order of the files).
+    on_error : {'raise', 'skip'}, default='raise'
+        As in :func:`read_alerts`. Each batch's ``skipped`` lists what was
+        skipped while it was read; a final batch with no alerts is yielded
+        when only skipped files remain.
+    schema : dict, str, path-like or mapping, optional
+        As in :func:`read_alerts`.
+
+    Yields
+    ------
+    batch : :class:`~sklearn.utils.Bunch`
+        As returned by :func:`read_alerts`, for at most ``batch_size``
+        alerts. Concatenating the batches' ``images`` and ``frame`` gives
+        what :func:`read_alerts` returns with the same ``size``.
+
+    Raises
+    ------
+    AlertReadError, FileNotFoundError, ImportError
+        As in :func:`read_alerts`.
+
+    Examples
+    --------
+    >>> from sk_covvae.datasets import iter_alerts
+    >>> for batch in iter_alerts("ztf_public_20260101/", batch_size=512,
+    ...                          size=63):  # doctest: +SKIP
+    ...     X = batch.images.reshape(len(batch.images), -1)
+    """
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int | np.integer)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    shape = _check_size(size)
+    _check_on_error(on_error)
+    sources, resolve, skipped = _sources(paths), _schema_resolver(schema), []
+    rows = _rows(sources, resolve, on_error, skipped)
+    return _batches(rows, int(batch_size), shape, skipped)
