@@ -230,7 +230,7 @@ def _apply_factor_t(
 
 @functools.lru_cache(maxsize=64)
 def _antidiagonal_order(H: int, W: int, device: torch.device):
-    """Raster indices sorted by anti-diagonal, their inverse, sizes and starts.
+    """Raster indices sorted by anti-diagonal, their inverse, and sizes.
 
     Anti-diagonal ``s`` holds the pixels ``(r, s - r)`` with ``r`` ascending.
     Cached: the order depends on the image shape only.
@@ -242,10 +242,7 @@ def _antidiagonal_order(H: int, W: int, device: torch.device):
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(H * W, device=device)
     sizes = [min(s, H - 1) - max(0, s - W + 1) + 1 for s in range(H + W - 1)]
-    starts = [0]
-    for n in sizes[:-1]:
-        starts.append(starts[-1] + n)
-    return order, inverse, sizes, starts
+    return order, inverse, sizes
 
 
 def _solve_factor_t(
@@ -259,16 +256,19 @@ def _solve_factor_t(
     of diagonal ``s`` are two contiguous runs of diagonal ``s + 1``, once that
     diagonal is padded with a zero at each end (the zeros stand for the
     neighbours outside the image). Every step is a few vectorised ops on
-    slices; no D x D matrix is formed and autograd flows through (the sample
-    is reparameterised).
+    runs; no D x D matrix is formed and autograd flows through (the sample
+    is reparameterised). Splitting (not slicing) the diagonal-ordered inputs
+    keeps the backward pass O(H * W), as in :func:`_solve_stencil_t`: the
+    gradient of a split is one concatenation, where a slice per step would
+    scatter into a full-size zero tensor per step, O(H * W * (H + W)).
     """
     H, W = eps.shape[-2:]
     batch_shape = eps.shape[:-2]
-    order, inverse, sizes, starts = _antidiagonal_order(H, W, eps.device)
+    order, inverse, sizes = _antidiagonal_order(H, W, eps.device)
     inv_d = torch.exp(-log_diag)
 
     def by_diagonal(t):
-        return t.reshape(*batch_shape, H * W)[..., order]
+        return t.reshape(*batch_shape, H * W)[..., order].split(sizes, dim=-1)
 
     a = by_diagonal(eps * inv_d)
     g_right = by_diagonal(right * inv_d)
@@ -276,23 +276,16 @@ def _solve_factor_t(
     pieces = [None] * len(sizes)
     previous = None  # diagonal s + 1, zero-padded at both ends
     for s in range(len(sizes) - 1, -1, -1):
-        lo, n = starts[s], sizes[s]
-        y = a[..., lo : lo + n]
+        y, n = a[s], sizes[s]
         if previous is not None:
             # First row on diagonal s, minus first row on diagonal s + 1.
             offset = max(0, s - W + 1) - max(0, s + 2 - W) + 1
             # Two fused multiply-subtracts: few kernels per step matters on
             # GPUs, where the H + W - 1 steps are bound by launch latency.
+            # Out of place first: ``a[s]`` is a view of the input.
             y = torch.addcmul(
-                y,
-                g_right[..., lo : lo + n],
-                previous[..., offset : offset + n],
-                value=-1,
-            ).addcmul_(
-                g_down[..., lo : lo + n],
-                previous[..., offset + 1 : offset + 1 + n],
-                value=-1,
-            )
+                y, g_right[s], previous[..., offset : offset + n], value=-1
+            ).addcmul_(g_down[s], previous[..., offset + 1 : offset + 1 + n], value=-1)
         pieces[s] = y
         previous = torch.nn.functional.pad(y, (1, 1))
     y = torch.cat(pieces, dim=-1)
