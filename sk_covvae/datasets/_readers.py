@@ -601,7 +601,10 @@ def _sources(paths):
 def _check_size(size):
     if size is None:
         return None
-    pair = (size, size) if isinstance(size, int | np.integer) else tuple(size)
+    try:
+        pair = (size, size) if isinstance(size, int | np.integer) else tuple(size)
+    except TypeError:
+        pair = ()
     if len(pair) != 2 or not all(
         isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0
         for s in pair
