@@ -59,6 +59,9 @@ def measure(model, X_test, image_shape):
     means = model.inverse_transform(Z)
     rho = spearmanr(central_flux(means, image_shape), central_flux(X_test, image_shape))
     mse = float(np.median(np.mean((means - X_test) ** 2, axis=1)))
+    a = X_test - X_test.mean(1, keepdims=True)
+    b = means - means.mean(1, keepdims=True)
+    r = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-300)
     elbo = model.score_samples(X_test)
     module = model.net_.module_.eval()
     with torch.no_grad():
@@ -75,6 +78,7 @@ def measure(model, X_test, image_shape):
         "kl_total": float(np.sum(model.kl_per_component_)),
         "spearman_centre": float(rho.statistic),
         "median_mse": mse,
+        "mean_r": float(np.median(r)),
         "median_elbo": float(np.median(elbo)),
         "mean_elbo": float(np.mean(elbo)),
     }

@@ -300,6 +300,14 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Size of the latent space.
     covariance : {'banded', 'diagonal', 'spherical'}, default='banded'
         Structure of the decoder's covariance.
+    neighbourhood : {'cross', '3x3'}, default='cross'
+        Neighbours coupled to each pixel by the banded precision factor:
+        ``'cross'``, the right-hand pixel and the one below; ``'3x3'``, the
+        lower half of a 3x3 stencil (right, below-left, below, below-right),
+        which also models correlation along diagonals (resampled templates).
+        Each of the ``K`` couplings is bounded by ``0.9 / K`` of the
+        diagonal (see :func:`~sk_covvae.distributions.constrain_stencil_parameters`)
+        for ``'3x3'``. Ignored unless ``covariance='banded'``.
     image_shape : tuple of int (H, W) or None, default=None
         Shape of each image; rows of ``X`` are images flattened row-major.
         ``None`` means square images when ``n_features`` is a perfect square,
@@ -311,19 +319,23 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Mini-batch size for training.
     lr : float, default=1e-3
         Learning rate of Adam.
-    mean_epochs : int, default=100
-        Maximum epochs of the *mean stage*, a first training stage for the
+    mean_epochs : int, default=0
+        Maximum epochs of a *mean stage*, a first training stage for the
         ``'diagonal'`` and ``'banded'`` decoders in which their noise model
         is one learned scale for every pixel (the ``'spherical'`` model), so
         that the encoder and the decoder's mean learn the images before a
-        flexible noise model can explain them away as noise (posterior
-        collapse; see the user guide). It stops early, like the second
-        stage, on its own validation loss. ``0`` trains the full model from
-        the start. Ignored for ``'spherical'``, which has one stage.
+        flexible noise model can explain them as noise (posterior collapse;
+        see the user guide). It stops early, like the second stage, on its
+        own validation loss; with the same ``random_state`` it trains exactly
+        as the ``'spherical'`` model does. ``0`` (the default, chosen from
+        the measurements in the user guide) trains the full model from the
+        start. Ignored for ``'spherical'``, which has one stage.
     freeze_mean : bool, default=False
-        If True, the second stage trains only the covariance head: the
-        encoder and the decoder's mean stay as the mean stage left them, as
-        in Dorta et al. (2018b). If False, everything trains jointly in the
+        Used when ``mean_epochs > 0``. If True, the second stage trains only
+        the covariance head: the encoder and the decoder's mean stay as the
+        mean stage left them (the structured-residual training of Dorta et
+        al., 2018b), so the latent features and decoder means are those of
+        the spherical model. If False, everything trains jointly in the
         second stage.
     patience : int or None, default=20
         Stop when the validation loss has not improved for this many epochs,
@@ -462,6 +474,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     _parameter_constraints: dict = {
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "covariance": [StrOptions({"banded", "diagonal", "spherical"})],
+        "neighbourhood": [StrOptions({"cross", "3x3"})],
         "image_shape": [tuple, list, None],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -487,11 +500,12 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         n_components=50,
         *,
         covariance="banded",
+        neighbourhood="cross",
         image_shape=None,
         max_epochs=100,
         batch_size=256,
         lr=1e-3,
-        mean_epochs=100,
+        mean_epochs=0,
         freeze_mean=False,
         patience=20,
         validation_fraction=0.1,
@@ -508,6 +522,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     ):
         self.n_components = n_components
         self.covariance = covariance
+        self.neighbourhood = neighbourhood
         self.image_shape = image_shape
         self.max_epochs = max_epochs
         self.batch_size = batch_size
@@ -701,6 +716,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 -math.log(self.min_scale),
             ),
             module__rho=_RHO,
+            module__neighbourhood=self.neighbourhood,
             criterion=NegativeELBO,
             optimizer=torch.optim.Adam,
             lr=self.lr,
@@ -717,13 +733,11 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     def _stages(self, initialize):
         """The training stages of this fit: (stage, maximum epochs) pairs."""
-        last = "covariance" if self.freeze_mean else "joint"
-        if self.covariance == "spherical":
+        if self.covariance == "spherical" or self.mean_epochs == 0:
             return [("joint", self.max_epochs)]
+        last = "covariance" if self.freeze_mean else "joint"
         if not initialize:  # warm start: go on with the last stage
             return [(last, self.max_epochs)]
-        if self.mean_epochs == 0:
-            return [("joint", self.max_epochs)]
         return [("mean", self.mean_epochs), (last, self.max_epochs)]
 
     def _train(self, net, Xt, device, seed, initialize):
@@ -825,8 +839,10 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 "dimensions varies with the images (largest activity "
                 f"{self.latent_activity_.max():.2g}, total KL "
                 f"{self.kl_per_component_.sum():.2g} nats), so transform "
-                "returns no information. Train longer, keep mean_epochs > 0, "
-                "or check that the images differ by more than noise.",
+                "returns no information. Check that the images differ by more "
+                "than noise; keep a stretch (a few extreme images otherwise "
+                "dominate training), train longer, or train the mean first "
+                "(mean_epochs > 0, freeze_mean=True).",
                 LatentCollapseWarning,
                 stacklevel=4,
             )
@@ -957,8 +973,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """Estimate of E_q(z|x)[log p(x|z)] for each sample, in nats.
 
         The reconstruction term of the ELBO (its negative is the metric of
-        Dorta et al., 2018), in the units of ``X``, with the same fixed noise
-        as :meth:`score_samples`.
+        the Fashion-MNIST table of Rojas Herrera's thesis, see
+        ``docs/reproduction.md``), in the units of ``X``, with the same fixed
+        noise as :meth:`score_samples`.
 
         Parameters
         ----------

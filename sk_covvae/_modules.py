@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from sk_covvae.distributions import (
+    NEIGHBOURHOODS,
     BandedPrecisionNormal,
     DiagonalPrecisionNormal,
     SphericalPrecisionNormal,
+    StencilPrecisionNormal,
     constrain_banded_parameters,
+    constrain_stencil_parameters,
 )
 
 _MIN_SIZE_TO_STRIDE = 8
@@ -132,6 +135,10 @@ class Decoder(nn.Module):
         Interval of the log diagonal of the precision factor.
     rho : float in [0, 1)
         Off-diagonal mass of each row of L^T relative to its diagonal.
+    neighbourhood : {'cross', '3x3'}, default='cross'
+        Neighbours of each pixel in the banded factor: right and below, or
+        the lower half of a 3x3 stencil (right, below-left, below,
+        below-right; :class:`StencilPrecisionNormal`).
 
     Attributes
     ----------
@@ -155,6 +162,7 @@ class Decoder(nn.Module):
         hidden_units,
         log_diag_bounds,
         rho,
+        neighbourhood="cross",
     ):
         super().__init__()
         H, W = image_shape
@@ -172,6 +180,7 @@ class Decoder(nn.Module):
         self.covariance = covariance
         self.log_diag_bounds = tuple(log_diag_bounds)
         self.rho = rho
+        self.neighbourhood = neighbourhood
         self.stage = "joint"
         # Start every pixel at log_diag = 0, a unit scale on standardized data.
         low, high = self.log_diag_bounds
@@ -181,7 +190,9 @@ class Decoder(nn.Module):
         # noise model of the mean stage (see ``stage``).
         self.raw_log_diag = nn.Parameter(torch.tensor(start))
         if covariance != "spherical":
-            n_out = 3 if covariance == "banded" else 1
+            n_out = 1
+            if covariance == "banded":
+                n_out += len(NEIGHBOURHOODS[neighbourhood])
             # Drawn from a copy of the generator, which is left as the
             # spherical model leaves it: with the same seed, the mean stage
             # then trains exactly as the spherical model does.
@@ -216,6 +227,8 @@ class Decoder(nn.Module):
             return SphericalPrecisionNormal(
                 loc, log_diag.expand(loc.shape[0]), validate_args=False
             )
+        if self.neighbourhood != "cross" and self.covariance == "banded":
+            return self._stencil(loc, self.covariance_head(h).to(dtype))
         raw = self.covariance_head(h).to(dtype).unbind(1)
         if self.covariance == "diagonal":
             log_diag, _, _ = constrain_banded_parameters(
@@ -227,6 +240,25 @@ class Decoder(nn.Module):
         )
         return BandedPrecisionNormal(
             loc, log_diag, right, down, validate_args=False, relative=True
+        )
+
+    def _stencil(self, loc, raw):
+        """The decoder for a neighbourhood other than the cross: raw (N, 1+K, H, W)."""
+        log_diag, couplings = constrain_stencil_parameters(
+            raw[:, 0],
+            raw[:, 1:],
+            neighbourhood=self.neighbourhood,
+            log_diag_bounds=self.log_diag_bounds,
+            rho=self.rho,
+            relative=True,
+        )
+        return StencilPrecisionNormal(
+            loc,
+            log_diag,
+            couplings,
+            validate_args=False,
+            neighbourhood=self.neighbourhood,
+            relative=True,
         )
 
 
@@ -244,6 +276,7 @@ class VAEModule(nn.Module):
     hidden_units : int, default=256
     log_diag_bounds : tuple of float, default=(-2.3, 6.9)
     rho : float, default=0.9
+    neighbourhood : {'cross', '3x3'}, default='cross'
     """
 
     def __init__(
@@ -255,6 +288,7 @@ class VAEModule(nn.Module):
         hidden_units=256,
         log_diag_bounds=(-2.3, 6.9),
         rho=0.9,
+        neighbourhood="cross",
     ):
         super().__init__()
         self.image_shape = tuple(image_shape)
@@ -267,6 +301,7 @@ class VAEModule(nn.Module):
             hidden_units,
             log_diag_bounds,
             rho,
+            neighbourhood,
         )
 
     def images(self, x):

@@ -189,6 +189,13 @@ def _build_parser():
         "slower)",
     )
     cmp_.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="N",
+        help="seeds run in parallel, one worker process each (default: one "
+        "after the other)",
+    )
+    cmp_.add_argument(
         "--out", default="covvae-results", metavar="DIR", help="output folder"
     )
     cmp_.add_argument(
@@ -249,7 +256,7 @@ def _compare(args):
     defaults = experiments.PROTOCOL_DEFAULTS[args.dataset]
     run_kw = {**{k: defaults[k] for k in ("n_components", "max_epochs")}, **run_kw}
     result = experiments.run_comparison(
-        data, seeds=args.seed, log=_log, **run_kw, **params
+        data, seeds=args.seed, n_jobs=args.jobs, log=_log, **run_kw, **params
     )
     config = {
         "command": " ".join(["covvae", *args.argv]),

@@ -265,7 +265,8 @@ def _density_section(document, spread):
         "## Typical test images" + spread,
         "",
         "Medians over the test images, in nats per image (lower is better): "
-        "-E[log p(x|z)] is the metric of Dorta et al. (2018) and -ELBO bounds "
+        "-E[log p(x|z)] is the metric of the seed thesis's Fashion-MNIST table "
+        "(Rojas Herrera; see docs/reproduction.md) and -ELBO bounds "
         "-log p(x) from above. Did the model learn the images? *Active*: "
         "latent dimensions whose posterior mean varies between typical "
         "validation images (activity > 0.01, Burda et al. 2016); *mean r*: "
