@@ -720,7 +720,9 @@ def read_alerts(paths, *, size=None, on_error="raise", schema=None):
         images : ndarray of shape (n, 3, h, w), float32
             Science, template and difference cutouts (``channels``) in the
             survey's units, NaN where masked, padded or missing. Flatten with
-            ``images.reshape(n, -1)`` for ``image_shape=(3, h, w)``.
+            ``images.reshape(n, -1)`` for ``image_shape=(3, h, w)``. Values
+            are as stored: some ZTF template cutouts hold the float32 maximum
+            (3.4e38) where the reference image has no data.
         variance : ndarray of shape (n, 3, h, w), float32, or None
             The variance planes of the three cutouts (Rubin's ``UNCERT``
             HDUs), NaN where absent; None when no alert has any.
