@@ -8,6 +8,7 @@ import functools
 import gzip
 import io
 import json
+import pickle
 import subprocess
 import sys
 import warnings
@@ -567,6 +568,12 @@ def test_damaged_file_raises_a_named_error(damaged, kind):
     assert isinstance(info.value, ValueError)
     assert str(path) in str(info.value) and reason in str(info.value)
     assert info.value.source == str(path) and reason in info.value.reason
+    copy = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries
+    assert (copy.source, copy.reason, str(copy)) == (
+        info.value.source,
+        info.value.reason,
+        str(info.value),
+    )
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "empty", "badfits"])

@@ -10,6 +10,7 @@ import functools
 import io
 import json
 import math
+import numbers
 import os
 import warnings
 import zlib
@@ -77,6 +78,9 @@ class AlertReadError(ValueError):
         self.source = str(source)
         self.reason = str(reason)
         super().__init__(f"{self.source}: {self.reason}")
+
+    def __reduce__(self):  # pickles across processes (Dask, joblib)
+        return type(self), (self.source, self.reason)
 
 
 class AlertReadWarning(UserWarning):
@@ -179,20 +183,24 @@ def _schema_resolver(schema):
             s = fastavro.schema.load_schema(str(s))
         return _parse_schemas(s)
 
-    if isinstance(schema, Mapping) and not all(isinstance(k, int) for k in schema):
+    by_id = isinstance(schema, Mapping) and all(
+        isinstance(k, numbers.Integral) for k in schema
+    )
+    if isinstance(schema, Mapping) and not by_id:
         one = parse(schema)  # a single Avro schema, used for every id
         return lambda schema_id: one
     if isinstance(schema, Mapping):
         cache = {}
 
-        def by_id(schema_id):
+        registry = {int(k): v for k, v in schema.items()}
+
+        def lookup(schema_id):
             if schema_id not in cache:
-                cache[schema_id] = (
-                    parse(schema[schema_id]) if schema_id in schema else None
-                )
+                found = registry.get(schema_id)
+                cache[schema_id] = None if found is None else parse(found)
             return cache[schema_id]
 
-        return by_id
+        return lookup
     if isinstance(schema, str | os.PathLike | list):
         one = parse(schema)
         return lambda schema_id: one
