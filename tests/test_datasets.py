@@ -348,8 +348,6 @@ def test_load_hits_chunks_errors(tmp_path):
 
 
 def test_read_alert_cutouts_shared_packets():
-    pytest.importorskip("fastavro")
-    pytest.importorskip("astropy")
     folder = shared("ztf_alerts")
     alerts = read_alert_cutouts(folder)
     n = len(sorted(folder.glob("*.avro")))
@@ -394,33 +392,3 @@ def test_calibration_tables_match_shared_hits_files():
         np.quantile(sky, cal.QUANTILE_LEVELS), cal.SKY_ADU, atol=1e-3
     )
     assert np.median(sigma) == pytest.approx(cal.SKY_SIGMA_MEDIAN, abs=1e-3)
-
-
-# --------------------------------------------------------------------------
-# the estimator on simulated stamps
-# --------------------------------------------------------------------------
-
-
-def test_covariance_vae_random_forest_pipeline():
-    try:
-        from sk_covvae import CovarianceVAE
-    except ImportError as exc:  # the estimator is optional for this module
-        pytest.skip(f"CovarianceVAE unavailable: {exc}")
-    from sklearn.pipeline import Pipeline
-
-    X, y = make_difference_stamps(200, random_state=0, return_X_y=True)
-    pipe = Pipeline(
-        [
-            (
-                "vae",
-                CovarianceVAE(
-                    n_components=4, max_epochs=2, batch_size=64, random_state=0
-                ),
-            ),
-            ("rf", RandomForestClassifier(n_estimators=20, random_state=0)),
-        ]
-    )
-    pipe.fit(X[:150], y[:150])
-    proba = pipe.predict_proba(X[150:])
-    assert proba.shape == (50, 2)
-    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
