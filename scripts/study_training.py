@@ -6,14 +6,15 @@ held-out images: active latent dimensions, the median KL per latent
 dimension, the Spearman correlation between the central flux of the decoder
 mean and of the data, and the median and mean ELBO.
 
-Run ``python scripts/study_training.py --help``.
+Run ``python scripts/study_training.py --help``; ``--table A.json B.json``
+prints the Markdown table of saved runs (as in the user guide).
 """
 
 import argparse
 import json
 import time
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,7 +66,9 @@ def measure(model, X_test, image_shape):
     elbo = model.score_samples(X_test)
     module = model.net_.module_.eval()
     with torch.no_grad():
-        Xt = torch.as_tensor((X_test - model.offset_) / model.scale_, dtype=torch.float32)
+        Xt = torch.as_tensor(
+            (X_test - model.offset_) / model.scale_, dtype=torch.float32
+        )
         mu, logvar = (t.numpy().astype(np.float64) for t in module.encode(Xt))
     q25, q75 = np.percentile(mu, [25, 75], axis=0)
     spread = ((q75 - q25) / 1.349) ** 2
@@ -84,14 +87,40 @@ def measure(model, X_test, image_shape):
     }
 
 
+def table(paths):
+    """Markdown table of the runs saved with ``--json``."""
+    print(
+        "| data | stretch | covariance | schedule | epochs | active | centre flux ρ "
+        "| mean r | median MSE | median ELBO | mean ELBO |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        args = saved["args"]
+        for r in saved["rows"]:
+            print(
+                f"| {args['dataset']} | {args.get('stretch') or 'default'} "
+                f"| {r['covariance']} | {r['schedule']} | {r['epochs']} "
+                f"| {r['n_active']} | {r['spearman_centre']:.2f} "
+                f"| {r.get('mean_r', float('nan')):.2f} | {r['median_mse']:.3g} "
+                f"| {r['median_elbo']:.0f} | {r['mean_elbo']:.4g} |"
+            )
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--table", nargs="+", metavar="JSON", default=None)
     p.add_argument("--dataset", default="stamps")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--covariance", nargs="+", default=["spherical", "diagonal", "banded"])
-    p.add_argument("--schedules", nargs="+", default=["0:joint", "30:joint", "30:frozen"])
+    p.add_argument(
+        "--covariance", nargs="+", default=["spherical", "diagonal", "banded"]
+    )
+    p.add_argument(
+        "--schedules", nargs="+", default=["0:joint", "30:joint", "30:frozen"]
+    )
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--n-components", type=int, default=10)
@@ -102,6 +131,8 @@ def main():
     p.add_argument("--stretch", default=None, help="a number, or 'none'")
     p.add_argument("--drop-saturated", action="store_true")
     a = p.parse_args()
+    if a.table:
+        return table(a.table)
     torch.set_num_threads(a.threads)
     X, image_shape, _ = load(a.dataset, a.n + a.n_test, a.seed)
     if a.drop_saturated:

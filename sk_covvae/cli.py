@@ -22,7 +22,6 @@ QUICK = {
     "n_samples": 240,
     "n_components": [4],
     "max_epochs": 2,
-    "mean_epochs": 2,
     "channels": (4, 8),
     "hidden_units": 32,
     "batch_size": 64,
