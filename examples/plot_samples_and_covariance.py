@@ -57,27 +57,17 @@ for covariance in ("spherical", "diagonal", "banded"):
 # ----------------------------------------------------
 # For each stamp, ``z`` is its posterior mean (:meth:`transform`); the decoder
 # mean is :meth:`inverse_transform` of it, and the sample adds noise drawn
-# from the decoder's covariance at that ``z``. The decoder distribution is
-# reached through the fitted PyTorch module, ``net_.module_``; it works in the
-# standardized units ``(x - offset_) / scale_``.
-
-
-def decoder_distribution(vae, X):
-    """p(x|z) at the posterior mean of each row of X (standardized units)."""
-    Z = torch.as_tensor(vae.transform(X), dtype=torch.float32)
-    with torch.no_grad():
-        return vae.net_.module_.decode(Z, dtype=torch.float64)
-
-
-def to_data_units(vae, images):
-    return images.numpy() * vae.scale_ + vae.offset_
-
-
+# from the decoder's covariance at that ``z``.
+# :meth:`~sk_covvae.CovarianceVAE.decoder_distribution` returns that
+# distribution, a Gaussian in the model's units (the stamps standardized by
+# ``offset_`` and ``scale_``, then softened by the asinh ``stretch``);
+# :meth:`~sk_covvae.CovarianceVAE.to_data_units` maps its draws back to the
+# units of the stamps.
 n_show = 5
 rows = [("data", X_show[:n_show])]
 for covariance, vae in models.items():
-    px = decoder_distribution(vae, X_show[:n_show])
-    sample = to_data_units(vae, px.rsample())
+    px = vae.decoder_distribution(X_show[:n_show])
+    sample = vae.to_data_units(px.rsample()).reshape(n_show, -1)
     rows.append(
         (f"{covariance}\nmean", vae.inverse_transform(vae.transform(X_show[:n_show])))
     )
@@ -114,18 +104,20 @@ fig.tight_layout()
 # Precision and covariance of one image (banded model)
 # ----------------------------------------------------
 # The decoder's :class:`~sk_covvae.distributions.BandedPrecisionNormal` builds
-# the dense 441 x 441 matrices on request. The precision
+# the dense 441 x 441 matrices on request, in the model's units. The precision
 # :math:`L L^\top` has five nonzero diagonals (offsets 0, +-1 and +-21);
 # its inverse, the covariance, is dense but concentrated near the diagonal.
+# :meth:`~sk_covvae.CovarianceVAE.decoder_moments` gives the covariance of
+# the stamp's pixels in their own units (exact, through the stretch).
 # Right: the top-left 63 x 63 block (three image rows).
 banded = models["banded"]
-px = decoder_distribution(banded, X_show[:1])
-precision = px.precision_matrix[0].numpy() / banded.scale_**2
-covariance = px.covariance_matrix[0].numpy() * banded.scale_**2
+px = banded.decoder_distribution(X_show[:1])
+precision = px.precision_matrix[0].numpy()
+covariance = banded.decoder_moments(X_show[:1])[1][0]
 
 fig, axes = plt.subplots(2, 2, figsize=(7, 7))
 for row, (name, matrix) in enumerate(
-    (("precision", precision), ("covariance", covariance))
+    (("precision (model units)", precision), ("covariance", covariance))
 ):
     for col, block in enumerate((matrix, matrix[:63, :63])):
         lim = np.percentile(np.abs(block), 99.5)
@@ -139,8 +131,8 @@ fig.tight_layout()
 # The conditioning bound
 # ----------------------
 # The covariance head is constrained so that every eigenvalue of the
-# covariance (in units of ``scale_**2``) lies in a known interval, whatever
-# the network outputs: see
+# decoder's covariance (in the model's units) lies in a known interval,
+# whatever the network outputs: see
 # :func:`~sk_covvae.distributions.constrain_banded_parameters`.
 eigenvalues = np.linalg.eigvalsh(px.covariance_matrix[0].numpy())
 lower, upper = covariance_eigenvalue_bounds(
@@ -155,7 +147,8 @@ print(f"guaranteed interval:                    [{lower:.3g}, {upper:.3g}]")
 # %%
 # Implied pixel correlations
 # --------------------------
-# Left: the correlation of the central pixel with every other pixel. Right:
+# Left: the correlation of the central pixel with every other pixel (in the
+# stamps' units, from :meth:`~sk_covvae.CovarianceVAE.decoder_moments`). Right:
 # the mean correlation between horizontal and vertical neighbours at lags 1
 # to 4, from the model's covariance, beside the correlation of the
 # background noise measured on the data (the top five rows of stamps without

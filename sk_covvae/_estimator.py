@@ -189,6 +189,45 @@ def _unstretch(y, stretch):
     return y if stretch is None else stretch * np.sinh(y / stretch)
 
 
+def _data_unit_moments(loc, cov, offset, scale, stretch):
+    r"""Mean and covariance of ``x = offset + scale * a * sinh(y / a)``, y Gaussian.
+
+    ``loc`` (..., D) and ``cov`` (..., D, D) are the mean and covariance of
+    ``y`` (float64). Without a stretch the map is affine: ``offset + scale *
+    loc`` and ``scale**2 * cov``. With one, write :math:`u = y / a`, a
+    Gaussian with mean :math:`\mu`, covariance :math:`C`, variances
+    :math:`s_i = C_{ii}`. From :math:`E[e^{w}] = e^{E w + \mathrm{Var}\,w / 2}`
+    for a Gaussian ``w`` and :math:`\sinh u_i \sinh u_j = (\cosh(u_i + u_j) -
+    \cosh(u_i - u_j)) / 2`:
+
+    .. math::
+
+        E[\sinh u_i] = \sinh \mu_i \, e^{s_i / 2},
+
+        \mathrm{Cov}(\sinh u_i, \sinh u_j) = e^{(s_i + s_j) / 2} \bigl(
+        \cosh\mu_i \cosh\mu_j \sinh C_{ij}
+        + 2 \sinh\mu_i \sinh\mu_j \sinh^2(C_{ij} / 2)\bigr),
+
+    (:math:`\cosh C - 1 = 2 \sinh^2(C / 2)`, which keeps the digits of a
+    small :math:`C_{ij}`), then times ``scale * a`` and ``(scale * a)**2``.
+    Entries overflow to inf only for variances of hundreds of ``a**2``.
+    """
+    if stretch is None:
+        return loc * scale + offset, cov * scale**2
+    a = float(stretch)
+    u = loc / a
+    c = cov / a**2
+    s = np.diagonal(c, axis1=-2, axis2=-1)
+    half = np.exp(0.5 * s)
+    mean = offset + scale * a * np.sinh(u) * half
+    sh, ch = np.sinh(u), np.cosh(u)
+    cov_x = (half[..., :, None] * half[..., None, :]) * (
+        ch[..., :, None] * ch[..., None, :] * np.sinh(c)
+        + 2.0 * sh[..., :, None] * sh[..., None, :] * np.sinh(0.5 * c) ** 2
+    )
+    return mean, cov_x * (scale * a) ** 2
+
+
 def _pad_rows(block, rows=_INFERENCE_BATCH):
     """Zero-pad a 2-D tensor to ``rows`` rows (see ``_INFERENCE_BATCH``)."""
     missing = rows - block.shape[0]
@@ -896,6 +935,11 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     def inverse_transform(self, X):
         """Decoder means for latent vectors, in the units of the data.
 
+        The mean of the decoder's Gaussian, mapped by :meth:`to_data_units`.
+        With a stretch that is each pixel's median under p(x|z) in the units
+        of ``X`` (the decoder is heavy-tailed there; :meth:`decoder_moments`
+        gives the mean); without one, the mean.
+
         Parameters
         ----------
         X : array-like of shape (n_samples, n_components)
@@ -920,8 +964,137 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 block = Zt[i : i + _INFERENCE_BATCH]
                 px = module.decode(_pad_rows(block).to(self.net_.device))
                 means.append(px.mean[: len(block)].reshape(len(block), -1).cpu())
-        means = _unstretch(torch.cat(means).numpy().astype(np.float64), self.stretch_)
-        return (means * self.scale_ + self.offset_).astype(Z.dtype, copy=False)
+        means = self._to_data_units(torch.cat(means).numpy().astype(np.float64))
+        return means.astype(Z.dtype, copy=False)
+
+    # ------------------------------------------------------------- the decoder
+    def decoder_distribution(self, X):
+        r"""The decoder's distribution p(x|z) at the posterior mean of each image.
+
+        For each row of ``X``, ``z = E[z|x]`` (what :meth:`transform`
+        returns) and the distribution is the decoder's Gaussian at that
+        ``z``, in the **model's units**: the values the network sees,
+
+        .. math::
+
+            y = a \,\mathrm{asinh}\!\left(\frac{x - \mathrm{offset\_}}
+            {a \cdot \mathrm{scale\_}}\right), \quad a = \mathrm{stretch\_},
+
+        or :math:`y = (x - \mathrm{offset\_}) / \mathrm{scale\_}` when
+        ``stretch_`` is None. Its ``mean``, samples, ``precision_matrix`` and
+        ``covariance_matrix`` are in those units; :meth:`to_data_units` maps
+        values (the mean, samples) to the units of ``X``, and
+        :meth:`decoder_moments` gives the mean and covariance there. The
+        decoder is Gaussian in ``y``: in the units of ``X`` it is that
+        Gaussian only when ``stretch_`` is None (mean ``offset_ + scale_ *
+        y``, covariance times ``scale_**2``), heavy-tailed otherwise. The
+        analogue of :meth:`sklearn.decomposition.FactorAnalysis.get_covariance`
+        for a model whose noise depends on the image.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Images, validated and standardized as by :meth:`transform`.
+
+        Returns
+        -------
+        distribution : torch.distributions.Distribution
+            A :class:`~sk_covvae.distributions.BandedPrecisionNormal` (or its
+            diagonal and spherical special cases, or a
+            :class:`~sk_covvae.distributions.StencilPrecisionNormal` for
+            ``neighbourhood='3x3'``) with batch shape ``(n_samples,)``, event
+            shape ``image_shape_``, float64 parameters, on the model's device
+            (``net_.device``). It holds the parameters of every image: the
+            dense matrices are for a few small images.
+
+        See Also
+        --------
+        decoder_moments : Mean and covariance in the units of ``X``.
+        to_data_units : Map values from the model's units to those of ``X``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sk_covvae import CovarianceVAE
+        >>> X = np.random.RandomState(0).normal(size=(64, 36))
+        >>> vae = CovarianceVAE(n_components=2, max_epochs=2, random_state=0)
+        >>> px = vae.fit(X).decoder_distribution(X[:3])
+        >>> tuple(px.batch_shape), tuple(px.event_shape)
+        ((3,), (6, 6))
+        >>> px.covariance_matrix.shape
+        torch.Size([3, 36, 36])
+        >>> vae.to_data_units(px.sample()).shape
+        (3, 6, 6)
+        """
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False, check_finite=False)
+        module = self._module()
+        # no_grad, not inference_mode: the distribution's lazy matrices are
+        # computed later, outside this block.
+        with torch.no_grad(), _reproducible_kernels(self.net_.device):
+            Z = torch.cat([module.encode(xb)[0][:n] for xb, n in self._batches(X)])
+            return module.decode(Z, dtype=torch.float64)
+
+    def decoder_moments(self, X):
+        r"""Mean and covariance of p(x|z) in the units of ``X``, at z = E[z|x].
+
+        The exact moments of the decoder's distribution of
+        :meth:`decoder_distribution` mapped to the units of ``X``. Without a
+        stretch they are the Gaussian's own, scaled: ``offset_ + scale_ *
+        mean`` and ``scale_**2 * covariance``. With the stretch ``a``, pixel
+        values are ``offset_ + scale_ * a * sinh(y / a)`` of the Gaussian
+        ``y``, whose moments have a closed form (:math:`E[\sinh u] =
+        \sinh\mu \, e^{\sigma^2/2}` and its two-pixel analogue); the mean is
+        then slightly larger in magnitude than :meth:`inverse_transform`'s
+        decoder mean mapped back, which is each pixel's median.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        mean : ndarray of shape (n_samples, n_features)
+            float64.
+        covariance : ndarray of shape (n_samples, n_features, n_features)
+            float64; dense, so meant for a few small images.
+
+        See Also
+        --------
+        decoder_distribution : The distribution itself, in the model's units.
+        """
+        px = self.decoder_distribution(X)
+        n = px.loc.shape[0]
+        loc = px.loc.reshape(n, -1).cpu().numpy()
+        cov = px.covariance_matrix.cpu().numpy()
+        return _data_unit_moments(loc, cov, self.offset_, self.scale_, self.stretch_)
+
+    def to_data_units(self, Y):
+        """Map values from the model's units (see :meth:`decoder_distribution`)
+        to the units of ``X``.
+
+        Computes ``offset_ + scale_ * a * sinh(Y / a)`` with ``a =
+        stretch_``, or ``offset_ + scale_ * Y`` when ``stretch_`` is None:
+        for decoder means, samples or quantiles of one pixel (the map is
+        monotone), not for variances.
+
+        Parameters
+        ----------
+        Y : array-like or torch.Tensor of any shape
+            Values in the model's units.
+
+        Returns
+        -------
+        ndarray of the shape of ``Y``, float64
+        """
+        check_is_fitted(self)
+        if isinstance(Y, torch.Tensor):
+            Y = Y.detach().cpu().numpy()
+        return self._to_data_units(np.asarray(Y, dtype=np.float64))
+
+    def _to_data_units(self, y):
+        """``to_data_units`` of a float64 ndarray."""
+        return _unstretch(y, self.stretch_) * self.scale_ + self.offset_
 
     def score_samples(self, X):
         """Lower bound on the log-likelihood log p(x) of each sample, in nats.
@@ -1050,8 +1223,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 eps = torch.randn(n, *self.image_shape_, generator=generator)
                 px = module.decode(z.to(device))
                 out.append(px.reparameterize(eps.to(device)).reshape(n, -1).cpu())
-        X = _unstretch(torch.cat(out).numpy().astype(np.float64), self.stretch_)
-        return X * self.scale_ + self.offset_
+        return self._to_data_units(torch.cat(out).numpy().astype(np.float64))
 
     # ------------------------------------------------------------ sklearn glue
     @property

@@ -47,19 +47,6 @@ def save_figure(fig, path, *, dpi=80):
     fig.savefig(path, dpi=dpi)
 
 
-def _decoder(model, X):
-    """Decoder distribution p(x|z) at the posterior means of ``X``."""
-    module = model.net_.module_
-    module.eval()
-    Xt = torch.as_tensor(
-        (np.asarray(X, dtype=np.float64) - model.offset_) / model.scale_,
-        dtype=torch.float32,
-    ).to(model.net_.device)
-    with torch.inference_mode():
-        mu, _ = module.encode(Xt)
-        return module.decode(mu, dtype=torch.float64)
-
-
 def plot_reconstructions(models, X, *, image_shape, n_images=8, random_state=0):
     """Test images, then per model the decoder mean and a sample (Figs. 6-7).
 
@@ -87,12 +74,11 @@ def plot_reconstructions(models, X, *, image_shape, n_images=8, random_state=0):
     rows = [("data", X)]
     generator = torch.Generator().manual_seed(int(random_state))
     for name, model in models.items():
-        px = _decoder(model, X)
+        px = model.decoder_distribution(X)
         eps = torch.randn(px.loc.shape, generator=generator, dtype=torch.float64)
-        sample = px.reparameterize(eps.to(px.loc.device)).reshape(n, -1).cpu().numpy()
-        mean = px.loc.reshape(n, -1).cpu().numpy()
-        rows.append((f"{name}\nmean", mean * model.scale_ + model.offset_))
-        rows.append((f"{name}\nsample", sample * model.scale_ + model.offset_))
+        sample = px.reparameterize(eps.to(px.loc.device)).reshape(n, -1)
+        rows.append((f"{name}\nmean", model.to_data_units(px.loc.reshape(n, -1))))
+        rows.append((f"{name}\nsample", model.to_data_units(sample)))
     fig = _figure((1.1 * n + 0.8, 1.1 * len(rows)))
     axes = fig.subplots(len(rows), n, squeeze=False)
     for j in range(n):
@@ -112,9 +98,15 @@ def plot_reconstructions(models, X, *, image_shape, n_images=8, random_state=0):
 def plot_precision_covariance(models, x, *, image_shape, crop=None):
     """Precision and covariance matrices of p(x|z) for one image (Fig. 5).
 
-    For each model: the precision matrix, the covariance matrix (both in
-    the data's units, over the first ``crop`` pixels) and the correlation of
-    the centre pixel with every other pixel, as an image.
+    For each model: the precision matrix of the decoder's Gaussian, the
+    covariance matrix of p(x|z) in the data's units (both over the first
+    ``crop`` pixels) and the correlation of the centre pixel with every other
+    pixel, as an image. The covariance is
+    :meth:`~sk_covvae.CovarianceVAE.decoder_moments`' (exact also with a
+    stretch); the precision is that of the Gaussian in the model's units
+    (:meth:`~sk_covvae.CovarianceVAE.decoder_distribution`) over
+    ``scale_**2``: the data's precision without a stretch, and with one the
+    sparse structure that the decoder models (titled "model units").
 
     Parameters
     ----------
@@ -136,13 +128,15 @@ def plot_precision_covariance(models, x, *, image_shape, crop=None):
     axes = fig.subplots(len(models), 3, squeeze=False)
     centre = (H // 2) * W + W // 2
     for row, (name, model) in zip(axes, models.items()):
-        px = _decoder(model, np.asarray(x)[None])
-        cov = px.covariance_matrix[0].cpu().numpy() * model.scale_**2
-        prec = px.precision_matrix[0].cpu().numpy() / model.scale_**2
+        x1 = np.asarray(x)[None]
+        cov = model.decoder_moments(x1)[1][0]
+        prec = model.decoder_distribution(x1).precision_matrix[0].cpu().numpy()
+        prec = prec / model.scale_**2
+        units = "" if model.stretch_ is None else " (model units)"
         sd = np.sqrt(np.diag(cov))
         corr = (cov[centre] / (sd[centre] * sd)).reshape(H, W)
         for ax, matrix, title, cmap in (
-            (row[0], prec[:crop, :crop], f"{name}: precision", "RdBu_r"),
+            (row[0], prec[:crop, :crop], f"{name}: precision{units}", "RdBu_r"),
             (row[1], cov[:crop, :crop], f"{name}: covariance", "RdBu_r"),
         ):
             bound = np.abs(matrix).max() or 1.0
