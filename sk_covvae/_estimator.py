@@ -1,6 +1,7 @@
 """The scikit-learn face of the model: the :class:`CovarianceVAE` estimator."""
 
 import contextlib
+import copy
 import math
 import warnings
 from numbers import Integral, Real
@@ -276,6 +277,62 @@ def _reproducible_kernels(device):
         matmul.allow_tf32 = saved[3]
 
 
+class _EarlyStopping(EarlyStopping):
+    """skorch's ``EarlyStopping``, which a warm start can resume.
+
+    skorch forgets the best score and weights at the start of every training
+    loop (``on_train_begin``). :meth:`resume` hands it the weights a warm fit
+    starts from and their validation loss, so that this loop counts its
+    patience from them and restores them if no epoch beats them: the weights
+    kept are the best on validation over all the calls.
+    """
+
+    def resume(self, score, epoch, weights):
+        """Start the next training loop with ``weights`` of ``epoch`` as the best."""
+        self._resume_from = (score, epoch, weights)
+
+    def on_train_begin(self, net, **kwargs):
+        super().on_train_begin(net, **kwargs)
+        resume = vars(self).pop("_resume_from", None)
+        if resume is not None:
+            score, self.best_epoch_, self.best_model_weights_ = resume
+            self.dynamic_threshold_ = self._calc_new_threshold(score)
+
+
+def _validation_loss(net, Xt):
+    """Validation loss of the current weights, as skorch computes an epoch's.
+
+    The mean of the batch losses weighted by batch size, over skorch's
+    validation split of ``Xt``; None without a split. It draws ``z`` from
+    torch's generators: the caller forks them.
+    """
+    _, valid = net.get_split_datasets(Xt)
+    if valid is None or len(valid) == 0:
+        return None
+    total, count = 0.0, 0
+    for batch in net.get_iterator(valid, training=False):
+        n = len(batch[0])
+        total += net.validation_step(batch)["loss"].item() * n
+        count += n
+    return total / count
+
+
+def _resume_early_stopping(net, Xt, devices):
+    """Give a warm fit's early stopping the weights it starts from.
+
+    Their validation loss is computed with forked generators (``devices``),
+    so that the training that follows draws what it would have drawn.
+    """
+    stopper = dict(net.callbacks_).get("early_stopping")
+    if not isinstance(stopper, _EarlyStopping):  # none, or from an old pickle
+        return
+    with torch.random.fork_rng(devices=devices):
+        score = _validation_loss(net, Xt)
+    if score is not None:
+        epoch = stopper.best_epoch_ or len(net.history)
+        stopper.resume(score, epoch, copy.deepcopy(net.module_.state_dict()))
+
+
 def _restore_best_weights(net):
     """Load the early-stopping callback's best weights; return their epoch."""
     stopper = dict(getattr(net, "callbacks_", [])).get("early_stopping")
@@ -414,9 +471,19 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     warm_start : bool, default=False
         If True and the estimator is fitted, ``fit`` continues training the
         current weights for ``max_epochs`` more epochs instead of starting
-        afresh, keeping what the first fit set up: the architecture, the data
-        scaling, the device, the optimizer state and the early-stopping
-        rule. Use it to resume after an interruption.
+        afresh (in the last training stage), with the current ``lr``,
+        ``batch_size``, ``patience``, ``verbose``, ``freeze_mean`` and
+        ``random_state``, and Adam's state where the last fit left it. What
+        the first fit set up stays: the architecture (``n_components``,
+        ``covariance``, ``neighbourhood``, ``channels``, ``hidden_units``,
+        ``min_scale``, ``max_scale``), the data scaling (``offset_``,
+        ``scale_``, ``stretch_``), the validation split and the device; a
+        changed value of those is ignored with a ``UserWarning`` naming it.
+        Early stopping goes on from the weights the call starts with: their
+        validation loss is the best so far, patience counts from it, and they
+        are restored if no new epoch beats them, so the weights kept are the
+        best on validation over all the calls. Use it to resume after an
+        interruption.
     device : str, default='auto'
         Torch device for training and inference; ``'auto'`` uses CUDA when
         available. Requesting CUDA where it is absent raises ``ValueError``.
@@ -689,10 +756,21 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 )
             net, offset, scale = self.net_, self.offset_, self.scale_
             stretch = self.stretch_
+            self._warn_unapplied_changes(net, device)
             # The weights stay where they are (skorch may have mapped a CUDA
             # model to the CPU when it was unpickled).
             device = str(net.device)
-            net.set_params(max_epochs=self.max_epochs, verbose=self.verbose)
+            # lr is one of skorch's virtual parameters: it updates the
+            # optimizer's param groups in place, keeping Adam's moments.
+            net.set_params(
+                max_epochs=self.max_epochs,
+                verbose=self.verbose,
+                lr=self.lr,
+                batch_size=self.batch_size,
+            )
+            stopper = dict(net.callbacks_).get("early_stopping")
+            if stopper is not None:
+                stopper.patience = math.inf if self.patience is None else self.patience
             n_before = len(net.history)
         else:
             offset, scale = _global_standardization(X)
@@ -712,6 +790,69 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self._latent_diagnostics(net, Xt)
         return self
 
+    def _warn_unapplied_changes(self, net, device):
+        """Warn about parameters a warm start leaves as the first fit set them.
+
+        ``device`` is the one the parameters ask for (resolved).
+        """
+        bounds = net.module__log_diag_bounds
+        split = net.train_split
+        stopper = dict(net.callbacks_).get("early_stopping")
+        first = {
+            "n_components": net.module__n_components,
+            "covariance": net.module__covariance,
+            "neighbourhood": net.module__neighbourhood,
+            "channels": tuple(net.module__channels),
+            "hidden_units": net.module__hidden_units,
+            "min_scale": bounds[1],
+            "max_scale": bounds[0],
+            "stretch": self.stretch_,
+            "validation_fraction": None if split is None else split.cv,
+            "device": torch.device(net.device),
+        }
+        now = {
+            "n_components": self.n_components,
+            "covariance": self.covariance,
+            "neighbourhood": self.neighbourhood,
+            "channels": tuple(int(c) for c in self.channels),
+            "hidden_units": self.hidden_units,
+            # Compared as the net holds them, computed the same way.
+            "min_scale": -math.log(self.min_scale),
+            "max_scale": -math.log(self.max_scale),
+            "stretch": self.stretch,
+            "validation_fraction": self.validation_fraction,
+            "device": torch.device(device),
+        }
+        shown = {
+            "min_scale": lambda bound: math.exp(-bound),
+            "max_scale": lambda bound: math.exp(-bound),
+            "device": str,
+        }
+        changed = []
+        for name, value in now.items():
+            if name == "device":
+                same = value.type == first[name].type and (value.index or 0) == (
+                    first[name].index or 0
+                )
+            else:
+                same = value == first[name]
+            if not same:
+                kept = shown.get(name, lambda v: v)(first[name])
+                changed.append(f"{name}={getattr(self, name)!r} (kept: {kept!r})")
+        if stopper is None and self.patience is not None:
+            changed.append(
+                f"patience={self.patience!r} (kept: none, no validation split)"
+            )
+        if changed:
+            warnings.warn(
+                "warm_start=True continues training the model of the first "
+                "fit, which these changed parameters would alter; they are "
+                "ignored: " + ", ".join(changed) + ". Set warm_start=False to "
+                "fit a new model with them.",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _set_fitted(self, net, image_shape, offset, scale, stretch, device):
         self.net_ = net
         self.image_shape_ = image_shape
@@ -728,7 +869,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             callbacks.append(
                 (
                     "early_stopping",
-                    EarlyStopping(
+                    _EarlyStopping(
                         monitor="valid_loss",
                         patience=patience,
                         # Losses in nats can be negative: compare absolutely.
@@ -806,6 +947,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             try:
                 for stage, epochs in self._stages(initialize):
                     module.stage = stage
+                    if not initialize:
+                        _resume_early_stopping(net, Xt, devices)
                     n_before = len(net.history)
                     net.partial_fit(Xt, None, epochs=epochs)
                     stopped_by = _why_stopped(net, len(net.history) - n_before, epochs)

@@ -193,3 +193,72 @@ def test_plot_precision_covariance_uses_the_data_unit_covariance(model, images):
     crop = 3 * model.image_shape_[1]
     shown = np.asarray(fig.axes[1].images[0].get_array())
     np.testing.assert_allclose(shown, cov[0][:crop, :crop], rtol=1e-12)
+
+
+# ------------------------------------------------------------ warm start
+WARM = dict(
+    n_components=2,
+    max_epochs=4,
+    patience=None,
+    batch_size=16,
+    channels=(4, 8),
+    hidden_units=16,
+    random_state=0,
+)
+
+
+def _fit_quietly(vae, X):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LatentCollapseWarning)
+        return vae.fit(X)
+
+
+def _state(vae):
+    return {k: v.clone() for k, v in vae.net_.module_.state_dict().items()}
+
+
+def test_warm_start_applies_lr_batch_size_and_patience(images):
+    vae = _fit_quietly(CovarianceVAE(**WARM), images)
+    vae.set_params(warm_start=True, lr=2e-4, batch_size=8, patience=3, max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing is ignored
+        warnings.simplefilter("ignore", LatentCollapseWarning)
+        vae.fit(images)
+    net = vae.net_
+    assert net.lr == 2e-4
+    assert [g["lr"] for g in net.optimizer_.param_groups] == [2e-4]
+    n_train = len(images) - int(np.ceil(0.1 * len(images)))
+    assert net.history[-1, "train_batch_count"] == int(np.ceil(n_train / 8))
+    assert dict(net.callbacks_)["early_stopping"].patience == 3
+
+
+def test_warm_start_warns_about_the_changes_it_cannot_apply(images):
+    vae = _fit_quietly(CovarianceVAE(**WARM), images)
+    vae.set_params(
+        warm_start=True, n_components=3, hidden_units=8, stretch=None, max_epochs=1
+    )
+    with pytest.warns(UserWarning, match="warm_start") as record:
+        _fit_quietly(vae, images)
+    (message,) = [str(w.message) for w in record if "warm_start" in str(w.message)]
+    for name in ("n_components=3", "hidden_units=8", "stretch=None"):
+        assert name in message
+    for name in ("covariance", "lr", "batch_size", "channels"):
+        assert name not in message
+    # The model is the first fit's.
+    assert vae.transform(images).shape == (len(images), 2)
+    assert vae.stretch_ == 5.0
+
+
+def test_warm_start_keeps_the_best_weights_of_all_calls(images):
+    # A learning rate far too large makes every new epoch worse on
+    # validation than the weights the warm fit starts from: those stay.
+    vae = _fit_quietly(CovarianceVAE(**WARM), images)
+    before = _state(vae)
+    vae.set_params(warm_start=True, lr=0.5, max_epochs=2)
+    _fit_quietly(vae, images)
+    assert vae.n_epochs_ == 6
+    after = vae.net_.module_.state_dict()
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=0, atol=0)
+    stopper = dict(vae.net_.callbacks_)["early_stopping"]
+    assert stopper.best_epoch_ == 4
