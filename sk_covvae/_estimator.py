@@ -50,6 +50,10 @@ _INFERENCE_BATCH = 256
 # Rows standardized at once, in fit and at inference (a multiple of
 # _INFERENCE_BATCH).
 _STANDARDIZE_ROWS = 16 * _INFERENCE_BATCH
+# Largest share of a CUDA device's free memory that fit puts the
+# standardized training data in (the rest: the network, its activations and
+# the optimizer's state).
+_DEVICE_DATA_SHARE = 0.5
 # Validation rows used for the latent diagnostics after fit.
 _DIAGNOSTIC_ROWS = 10_000
 # Seed of the noise shared by all images in score_samples.
@@ -237,16 +241,58 @@ def _pad_rows(block, rows=_INFERENCE_BATCH):
     return torch.cat([block, block.new_zeros(missing, *block.shape[1:])])
 
 
-def _standardized_tensor(X, offset, scale, stretch=None):
-    """All of ``X`` as the model sees it, as one float32 tensor."""
-    out = torch.empty(X.shape, dtype=torch.float32)
+def _standardized_tensor(X, offset, scale, stretch=None, device=None):
+    """All of ``X`` as the model sees it, as one float32 tensor on ``device``.
+
+    On a CUDA ``device`` the rows are copied there and standardized there,
+    chunk by chunk (see :func:`_standardized_chunks`).
+    """
+    out = torch.empty(X.shape, dtype=torch.float32, device=device)
     start = 0
     for block in _standardized_chunks(
-        X, offset, scale, chunk=_STANDARDIZE_ROWS, stretch=stretch
+        X, offset, scale, chunk=_STANDARDIZE_ROWS, device=device, stretch=stretch
     ):
         out[start : start + len(block)] = block
         start += len(block)
     return out
+
+
+def _training_tensor(X, offset, scale, stretch, device):
+    """The training data as the model sees them, where they are cheapest.
+
+    On CUDA, one tensor on the device when it takes at most
+    ``_DEVICE_DATA_SHARE`` of the device's free memory: standardized there
+    (like the data at inference), copied once, and indexed there by the
+    mini-batches. Otherwise (and on CPU) a CPU tensor, whose batches are
+    copied to the device one at a time.
+    """
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if 4 * X.shape[0] * X.shape[1] <= _DEVICE_DATA_SHARE * free:
+            return _standardized_tensor(X, offset, scale, stretch, device=device)
+    return _standardized_tensor(X, offset, scale, stretch)
+
+
+@contextlib.contextmanager
+def _forked_rng(device, seed):
+    """Fork torch's CPU generator and the training device's, and seed both.
+
+    ``torch.manual_seed`` would seed the generator of every GPU, where
+    ``fork_rng`` restores only those it forks: here only the CPU's and the
+    training device's are touched, and both are restored on exit (the
+    seeds are those ``torch.manual_seed`` sets). Yields the forked CUDA
+    device indices.
+    """
+    devices = []
+    if torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        devices = [torch.cuda.current_device() if index is None else index]
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield devices
 
 
 @contextlib.contextmanager
@@ -777,7 +823,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             stretch = self.stretch
             net = self._build_net(image_shape, device, seed)
             n_before = 0
-        Xt = _standardized_tensor(X, offset, scale, stretch)
+        Xt = _training_tensor(X, offset, scale, stretch, device)
 
         try:
             stopped_by = self._train(net, Xt, device, seed, initialize=not warm)
@@ -937,10 +983,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         -------
         {'max_epochs', 'early_stopping', 'interrupted'}
         """
-        devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
         stopped_by = "max_epochs"
-        with torch.random.fork_rng(devices=devices), _reproducible_kernels(device):
-            torch.manual_seed(seed)
+        with _forked_rng(device, seed) as devices, _reproducible_kernels(device):
             if initialize:
                 net.initialize()
             module = net.module_

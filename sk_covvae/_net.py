@@ -23,15 +23,20 @@ grows. Training minimises the negative ELBO with one reparameterised ``z``
 per image, averaged over the mini-batch.
 """
 
+import copy
 import math
 
 import torch
 from skorch import NeuralNet
 from skorch.callbacks import Callback
+from skorch.dataset import get_len, unpack_data
 from skorch.utils import to_tensor
 from torch.utils.data import Subset
 
 _LOG_2PI = math.log(2.0 * math.pi)
+# Training steps between two host reads of the losses on an accelerator
+# (see ``VAENet.run_single_epoch``).
+_FINITE_CHECK_STEPS = 32
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -146,7 +151,9 @@ class SliceLoader:
     images are rows of one tensor, so a batch is a single indexing operation.
     Accepts the skorch ``Dataset`` holding that tensor, or a ``Subset`` of it
     (what skorch's ``ValidSplit`` returns). Shuffling draws from torch's
-    global generator, which ``CovarianceVAE.fit`` seeds.
+    global CPU generator, which ``CovarianceVAE.fit`` seeds; the order and
+    the subset's indices go to the tensor's device once, so that indexing a
+    tensor on a GPU needs no copy (and no synchronisation) per batch.
 
     Parameters
     ----------
@@ -163,6 +170,8 @@ class SliceLoader:
         X = getattr(dataset, "X", None)
         if not isinstance(X, torch.Tensor):
             raise TypeError("SliceLoader needs a dataset holding one tensor X.")
+        if indices is not None:
+            indices = indices.to(X.device)
         self.X = X
         self.indices = indices
         self.batch_size = batch_size
@@ -174,7 +183,7 @@ class SliceLoader:
 
     def __iter__(self):
         n = len(self.X) if self.indices is None else len(self.indices)
-        order = torch.randperm(n) if self.shuffle else None
+        order = torch.randperm(n).to(self.X.device) if self.shuffle else None
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
             if order is None and self.indices is None:
@@ -199,18 +208,114 @@ class VAENet(NeuralNet):
     The module returns ``(mu, logvar, px)``; the target is ignored and the
     reconstruction term compares ``px`` with the input batch itself, as in
     :meth:`skorch.probabilistic.GPBase.get_loss`.
+
+    Each batch goes to the device once, for the forward pass and the loss.
+    A non-finite loss raises ``FloatingPointError``: on CPU in
+    :meth:`get_loss`, before the step changes anything; on an accelerator
+    when the losses are read on the host, every ``_FINITE_CHECK_STEPS``
+    steps (see :meth:`run_single_epoch`), after restoring the weights and
+    the optimizer's state of the last read.
     """
+
+    def _finite_check_interval(self):
+        """Steps between host reads of the losses: 1 on CPU (free there)."""
+        return 1 if torch.device(self.device).type == "cpu" else _FINITE_CHECK_STEPS
+
+    def _batch_on_device(self, batch):
+        Xi, yi = unpack_data(batch)
+        return to_tensor(Xi, device=self.device), yi
+
+    def train_step_single(self, batch, **fit_params):
+        return super().train_step_single(self._batch_on_device(batch), **fit_params)
+
+    def validation_step(self, batch, **fit_params):
+        return super().validation_step(self._batch_on_device(batch), **fit_params)
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         mu, logvar, px = y_pred
+        # X is on the device already (see train_step_single): no copy.
         x = to_tensor(X, device=self.device).reshape(px.loc.shape)
         loss = self.criterion_(mu, logvar, px, x)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"The negative ELBO became non-finite ({loss.item()}) "
-                f"in epoch {len(self.history)}."
-            )
+        if self._finite_check_interval() == 1 and not torch.isfinite(loss):
+            raise FloatingPointError(self._non_finite_message(loss.item()))
         return loss
+
+    def _non_finite_message(self, value):
+        return (
+            f"The negative ELBO became non-finite ({value}) "
+            f"in epoch {len(self.history)}."
+        )
+
+    def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
+        """skorch's loop over the batches of an epoch, reading losses in groups.
+
+        skorch reads each batch's loss on the host (``.item()``) as its step
+        ends: a synchronisation per step, which makes the host wait for an
+        accelerator before it queues the next step. Here the losses stay on
+        the device and are read, checked and recorded in the history
+        :meth:`_finite_check_interval` batches at a time (with one read),
+        then recorded exactly as skorch records them. On CPU that is every
+        batch, as in skorch. In training, the weights and the optimizer's
+        state are copied (on the device) at each read; if a loss read is not
+        finite they are put back and ``FloatingPointError`` is raised.
+        """
+        if iterator is None:
+            return
+        interval = self._finite_check_interval()
+        snapshot = self._snapshot() if training and interval > 1 else None
+        pending = []
+        batch_count = 0
+        try:
+            for batch in iterator:
+                self.notify("on_batch_begin", batch=batch, training=training)
+                step = step_fn(batch, **fit_params)
+                batch_size = (
+                    get_len(batch[0])
+                    if isinstance(batch, tuple | list)
+                    else get_len(batch)
+                )
+                row = len(self.history[-1]["batches"]) - 1
+                pending.append((row, step["loss"].detach(), batch_size))
+                if len(pending) == interval:
+                    snapshot = self._record_losses(prefix, pending, snapshot)
+                    pending = []
+                self.notify("on_batch_end", batch=batch, training=training, **step)
+                batch_count += 1
+        except KeyboardInterrupt:
+            # Ctrl-C mid-epoch: the batches that ran are recorded, as by skorch.
+            self._record_losses(prefix, pending, snapshot)
+            raise
+        self._record_losses(prefix, pending, snapshot)
+        self.history.record(prefix + "_batch_count", batch_count)
+
+    def _record_losses(self, prefix, pending, snapshot):
+        """Read the ``pending`` losses on the host, check and record them.
+
+        Returns a new snapshot of the training state after a good read, if
+        ``snapshot`` is not None; restores ``snapshot`` and raises
+        ``FloatingPointError`` after a bad one.
+        """
+        if not pending:
+            return snapshot
+        if len(pending) == 1:
+            values = [pending[0][1].item()]
+        else:
+            values = torch.stack([loss for _, loss, _ in pending]).tolist()
+        batches = self.history[-1]["batches"]
+        for (row, _, batch_size), value in zip(pending, values):
+            if not math.isfinite(value):
+                if snapshot is not None:
+                    self.module_.load_state_dict(snapshot[0])
+                    self.optimizer_.load_state_dict(snapshot[1])
+                raise FloatingPointError(self._non_finite_message(value))
+            batches[row][prefix + "_loss"] = value
+            batches[row][prefix + "_batch_size"] = batch_size
+        return None if snapshot is None else self._snapshot()
+
+    def _snapshot(self):
+        """Copies of the module's weights and the optimizer's state."""
+        weights = {k: v.detach().clone() for k, v in self.module_.state_dict().items()}
+        return weights, copy.deepcopy(self.optimizer_.state_dict())
 
 
 class StageRecorder(Callback):

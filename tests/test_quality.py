@@ -2,6 +2,9 @@
 path (by mocks on CPU), argument checks of the inference methods and the
 package's exports."""
 
+import contextlib
+import copy
+import sys
 import warnings
 
 import numpy as np
@@ -262,3 +265,219 @@ def test_warm_start_keeps_the_best_weights_of_all_calls(images):
         torch.testing.assert_close(after[name], value, rtol=0, atol=0)
     stopper = dict(vae.net_.callbacks_)["early_stopping"]
     assert stopper.best_epoch_ == 4
+
+
+# ------------------------------------------- the CUDA training path, on CPU
+def _small_fit(X, **params):
+    vae = CovarianceVAE(**{**WARM, "device": "cpu", **params})
+    return _fit_quietly(vae, X)
+
+
+@pytest.fixture
+def copies_to_device(monkeypatch):
+    """Pretend ``to_tensor(..., device)`` copies: count the copies it makes.
+
+    A tensor that the spy returned counts as on the device already.
+    """
+    import skorch.net
+
+    import sk_covvae._net as net_module
+
+    moved, copies = [], []
+
+    def to_tensor(X, device, accept_sparse=False):
+        if any(X is m for m in moved):
+            return X
+        copies.append(tuple(X.shape))
+        moved.append(X.clone())
+        return moved[-1]
+
+    monkeypatch.setattr(skorch.net, "to_tensor", to_tensor)
+    monkeypatch.setattr(net_module, "to_tensor", to_tensor)
+    return copies
+
+
+def test_each_batch_goes_to_the_device_once(images, copies_to_device):
+    vae = _small_fit(images, max_epochs=1)
+    net = vae.net_
+    net.device = "cuda"  # only where to_tensor is asked to copy to
+    batch = (torch.as_tensor(images[:16], dtype=torch.float32), None)
+    copies_to_device.clear()
+    net.train_step(batch)
+    assert copies_to_device == [(16, 64)]
+    net.validation_step(batch)
+    assert copies_to_device == [(16, 64), (16, 64)]
+
+
+def test_losses_are_read_on_the_host_every_few_steps(images, monkeypatch):
+    from sk_covvae._net import VAENet
+
+    # Host reads of tensors (synchronisations on a GPU) in skorch's loop
+    # over the batches of an epoch; not Adam's reads of its step counter,
+    # which stays on the CPU when the weights are on a GPU.
+    reads, in_loop = [], [False]
+    for name in ("item", "tolist", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if in_loop[0] and not caller.startswith("torch.optim"):
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    run_single_epoch = VAENet.run_single_epoch
+
+    def counted(self, *args, **kwargs):
+        in_loop[0] = True
+        try:
+            return run_single_epoch(self, *args, **kwargs)
+        finally:
+            in_loop[0] = False
+
+    monkeypatch.setattr(VAENet, "run_single_epoch", counted)
+    reference = _small_fit(images, batch_size=8, max_epochs=2)
+    per_step = len(reads)
+    reads.clear()
+    monkeypatch.setattr(VAENet, "_finite_check_interval", lambda self: 4, False)
+    vae = _small_fit(images, batch_size=8, max_epochs=2)
+    # 18 training and 2 validation batches per epoch: 5 + 1 reads, where
+    # every step reads at least once.
+    assert per_step >= 2 * 20
+    assert len(reads) == 2 * (5 + 1)
+    # What is recorded is what every-step reads record, in the same order.
+    for ours, theirs in zip(vae.net_.history, reference.net_.history):
+        assert [list(b.items()) for b in ours["batches"]] == [
+            list(b.items()) for b in theirs["batches"]
+        ]
+        for key in ("train_loss", "valid_loss"):
+            assert ours[key] == theirs[key]
+    np.testing.assert_array_equal(vae.transform(images), reference.transform(images))
+
+
+def test_a_late_read_non_finite_loss_restores_the_last_checked_state(
+    images, monkeypatch
+):
+    from sk_covvae._net import NegativeELBO, VAENet
+
+    monkeypatch.setattr(VAENet, "_finite_check_interval", lambda self: 4, False)
+    states, calls = [], []
+    forward = NegativeELBO.forward
+
+    def poisoned(self, *args):
+        loss = forward(self, *args)
+        calls.append(None)
+        # The 6th training step of the first epoch.
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    def on_batch_end(self, net, batch=None, training=False, **kwargs):
+        if training:
+            states.append(
+                (
+                    {k: v.clone() for k, v in net.module_.state_dict().items()},
+                    copy.deepcopy(net.optimizer_.state_dict()),
+                )
+            )
+
+    monkeypatch.setattr(NegativeELBO, "forward", poisoned)
+    monkeypatch.setattr(VAENet, "on_batch_end", on_batch_end, False)
+    vae = CovarianceVAE(
+        **{**WARM, "device": "cpu", "validation_fraction": None, "patience": None}
+    )
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        vae.fit(images)
+    weights, optimizer = states[3]  # after step 4, the last read before the NaN
+    for name, value in vae.net_.module_.state_dict().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    restored = vae.net_.optimizer_.state_dict()["state"]
+    for key, state in optimizer["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(restored[key][name], value, rtol=0, atol=0)
+    assert np.isfinite(vae.transform(images)).all()
+
+
+def test_fit_seeds_only_the_generators_it_forks(images, monkeypatch):
+    seeded = []
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeded.append("all"))
+    monkeypatch.setattr(
+        torch.cuda, "manual_seed_all", lambda seed: seeded.append("all cuda")
+    )
+    _small_fit(images, max_epochs=1)
+    assert seeded == []
+
+
+def test_the_forked_generators_of_a_cuda_fit(monkeypatch):
+    from sk_covvae import _estimator
+
+    forked, seeded, current = [], [], [None]
+    real_fork = torch.random.fork_rng
+
+    @contextlib.contextmanager
+    def fork_rng(devices=None, **kwargs):
+        forked.append(list(devices))
+        with real_fork(devices=[]):
+            yield
+
+    @contextlib.contextmanager
+    def device(index):
+        current[0] = index
+        yield
+        current[0] = None
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(
+        torch.cuda, "manual_seed", lambda s: seeded.append((s, current[0]))
+    )
+    for name, index in (("cuda:1", 1), ("cuda", 2)):
+        forked.clear(), seeded.clear()
+        with _estimator._forked_rng(name, 123) as devices:
+            assert devices == [index]
+            # The CPU generator is seeded too (the mini-batch order).
+            assert torch.default_generator.initial_seed() == 123
+        assert forked == [[index]] and seeded == [(123, index)]
+
+
+def test_cpu_fit_data_stay_where_they_were(images):
+    from sk_covvae import _estimator
+
+    Xt = _estimator._training_tensor(images, 0.5, 2.0, 5.0, "cpu")
+    expected = _estimator._standardized_tensor(images, 0.5, 2.0, 5.0)
+    assert Xt.device.type == "cpu"
+    torch.testing.assert_close(Xt, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("free, on_device", [(10_000, False), (10**9, True)])
+def test_cuda_fit_data_go_to_the_device_when_they_fit(
+    images, monkeypatch, free, on_device
+):
+    from sk_covvae import _estimator
+
+    class OnDevice(Exception):
+        pass
+
+    def chunks(*args, device=None, **kwargs):
+        if device is not None:
+            raise OnDevice(str(device))
+        yield from original(*args, **kwargs)
+
+    original = _estimator._standardized_chunks
+    monkeypatch.setattr(_estimator, "_standardized_chunks", chunks)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 10**10))
+    monkeypatch.setattr(torch, "empty", _cpu_empty(torch.empty))
+    if on_device:
+        with pytest.raises(OnDevice, match="cuda:0"):
+            _estimator._training_tensor(images, 0.5, 2.0, 5.0, "cuda:0")
+    else:
+        Xt = _estimator._training_tensor(images, 0.5, 2.0, 5.0, "cuda:0")
+        assert Xt.device.type == "cpu"
+
+
+def _cpu_empty(empty):
+    """``torch.empty`` that ignores ``device``: no CUDA here."""
+
+    def cpu_empty(*args, device=None, **kwargs):
+        return empty(*args, **kwargs)
+
+    return cpu_empty
