@@ -16,7 +16,11 @@ from sklearn.base import (
 )
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import assert_all_finite, check_array, check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import (
+    Interval,
+    InvalidParameterError,
+    StrOptions,
+)
 from sklearn.utils.validation import check_is_fitted, validate_data
 from skorch.callbacks import EarlyStopping
 from skorch.dataset import ValidSplit
@@ -396,6 +400,24 @@ def _why_stopped(net, n_run, epochs):
     if n_run < epochs:
         return "interrupted"
     return "max_epochs"
+
+
+_COUNT = Interval(Integral, 1, None, closed="left")
+
+
+def _check_count(value, name):
+    """``value`` as an int if it is a positive integer, else raise.
+
+    The rule of ``_parameter_constraints`` for counts (scikit-learn's
+    ``Interval`` of integers) and its error, ``InvalidParameterError`` (a
+    ``ValueError`` and a ``TypeError``), for arguments of methods; booleans,
+    which ``Interval`` takes for integers, are refused too.
+    """
+    if isinstance(value, bool | np.bool_) or not _COUNT.is_satisfied_by(value):
+        raise InvalidParameterError(
+            f"{name} must be a positive integer, got {value!r}."
+        )
+    return int(value)
 
 
 def _resolve_device(device):
@@ -1341,7 +1363,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         ----------
         X : array-like of shape (n_samples, n_features)
         n_particles : int, default=1
-            Draws of z per sample.
+            Draws of z per sample: a positive integer (not a bool), else
+            scikit-learn's ``InvalidParameterError`` (a ``ValueError``).
 
         Returns
         -------
@@ -1349,10 +1372,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """
         check_is_fitted(self)
         X = self._validate_X(X, reset=False, check_finite=False)
-        if not isinstance(n_particles, Integral) or n_particles < 1:
-            raise ValueError(
-                f"n_particles must be a positive integer, got {n_particles!r}."
-            )
+        n_particles = _check_count(n_particles, "n_particles")
         return self._log_densities(expected_log_likelihood, X, n_particles)
 
     def score(self, X, y=None):
@@ -1379,7 +1399,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Parameters
         ----------
         n_samples : int, default=1
-            Number of images to draw.
+            Number of images to draw: a positive integer (not a bool), else
+            scikit-learn's ``InvalidParameterError`` (a ``ValueError``).
         random_state : int, RandomState instance or None, default=None
             Seeds the draws.
 
@@ -1388,14 +1409,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         X : ndarray of shape (n_samples, `n_features_in_`)
         """
         check_is_fitted(self)
-        if (
-            not isinstance(n_samples, Integral | np.integer)
-            or isinstance(n_samples, bool)
-            or n_samples < 1
-        ):
-            raise ValueError(
-                f"n_samples must be a positive integer, got {n_samples!r}."
-            )
+        n_samples = _check_count(n_samples, "n_samples")
         rng = check_random_state(random_state)
         generator = torch.Generator().manual_seed(
             int(rng.randint(np.iinfo(np.int32).max))

@@ -481,3 +481,35 @@ def _cpu_empty(empty):
         return empty(*args, **kwargs)
 
     return cpu_empty
+
+
+# ------------------------------------------------- counts of the inference API
+@pytest.fixture(scope="module")
+def tiny(images):
+    return _fit_quietly(CovarianceVAE(**{**WARM, "max_epochs": 1}), images)
+
+
+@pytest.mark.parametrize("value", [True, False, 2.0, 0, -3, "2", None])
+@pytest.mark.parametrize("method", ["sample", "reconstruction_log_likelihood"])
+def test_counts_reject_booleans_and_non_integers_alike(tiny, images, method, value):
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    name = {"sample": "n_samples", "reconstruction_log_likelihood": "n_particles"}
+    call = {
+        "sample": lambda v: tiny.sample(v),
+        "reconstruction_log_likelihood": lambda v: tiny.reconstruction_log_likelihood(
+            images[:3], n_particles=v
+        ),
+    }[method]
+    with pytest.raises(
+        InvalidParameterError, match=f"^{name[method]} must be a positive integer"
+    ):
+        call(value)
+
+
+@pytest.mark.parametrize("value", [1, 3, np.int64(2), np.uint8(1)])
+def test_counts_accept_python_and_numpy_integers(tiny, images, value):
+    assert tiny.sample(value).shape == (int(value), images.shape[1])
+    assert tiny.reconstruction_log_likelihood(images[:3], n_particles=value).shape == (
+        3,
+    )
