@@ -458,6 +458,13 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     data). Every output is in the units of ``X`` and log-densities include
     the Jacobian of that map.
 
+    The network computes in float32. float64 input is accepted and
+    standardized in float64 (a large offset costs no digits), then rounded
+    to float32; :meth:`transform` and :meth:`inverse_transform` return the
+    dtype of their input, so float64 results carry float32 precision
+    (about 1e-7 relative), and :meth:`score_samples` returns float64 sums
+    of float32 per-pixel terms.
+
     Parameters
     ----------
     n_components : int, default=50
@@ -1131,7 +1138,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         -------
         Z : ndarray of shape (n_samples, n_components)
             Deterministic latent features, in the dtype of ``X`` (float32
-            or float64).
+            or float64). The encoder runs in float32: float64 features hold
+            float32 values (about 1e-7 relative precision).
         """
         check_is_fitted(self)
         X = self._validate_X(X, reset=False, check_finite=False)
@@ -1157,6 +1165,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Returns
         -------
         X_original : ndarray of shape (n_samples, `n_features_in_`)
+            In the dtype of ``X`` (float32 or float64). The decoder runs in
+            float32 and its output is mapped to the data's units in float64:
+            float64 results have float32 precision relative to ``scale_``.
         """
         check_is_fitted(self)
         Z = check_array(X, dtype=[np.float64, np.float32])
@@ -1326,6 +1337,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Returns
         -------
         scores : ndarray of shape (n_samples,)
+            float64 for float32 and float64 ``X`` alike: per-image sums in
+            float64 of the float32 network's per-pixel terms, each of float32
+            precision (about 1e-7 relative), not float64's.
         """
         check_is_fitted(self)
         X = self._validate_X(X, reset=False, check_finite=False)
