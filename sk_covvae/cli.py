@@ -102,6 +102,13 @@ def _build_parser():
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_compare_parser(sub)
+    _add_figures_parser(sub)
+    return parser
+
+
+def _add_compare_parser(sub):
+    """The ``compare`` sub-command: the study's settings, then how to run it."""
     cmp_ = sub.add_parser(
         "compare",
         help="fit the three decoders and write results.json, report.md, figures",
@@ -112,6 +119,12 @@ def _build_parser():
         "(sk_covvae.experiments.PROTOCOL_DEFAULTS) and CovarianceVAE's own.",
     )
     cmp_.set_defaults(func=_compare)
+    _add_study_options(cmp_)
+    _add_run_options(cmp_)
+
+
+def _add_study_options(cmp_):
+    """What ``compare`` fits: data, latent sizes, schedule, seeds, estimator."""
     cmp_.add_argument(
         "--dataset",
         choices=("stamps", "fashion-mnist"),
@@ -176,6 +189,10 @@ def _build_parser():
         help="upper bound on the decoder's per-pixel scale, in the same units; "
         "raise it for data with extreme pixels (saturated stars)",
     )
+
+
+def _add_run_options(cmp_):
+    """Where and how ``compare`` runs, and what it writes."""
     cmp_.add_argument(
         "--device", type=_device, help="torch device: auto, cpu, cuda, cuda:N"
     )
@@ -209,12 +226,15 @@ def _build_parser():
         action="store_true",
         help="also write models.joblib, for `covvae figures DIR`",
     )
+
+
+def _add_figures_parser(sub):
+    """The ``figures`` sub-command: redraw the figures of a saved run."""
     fig = sub.add_parser(
         "figures", help="redraw the figures of a run saved with --save-models"
     )
     fig.add_argument("dir", help="output folder of `covvae compare --save-models`")
     fig.set_defaults(func=_figures)
-    return parser
 
 
 def _settings(args):
