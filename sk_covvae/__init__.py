@@ -13,6 +13,7 @@ from sk_covvae._estimator import (
     LatentCollapseWarning,
     TrainingInterruptedWarning,
 )
+from sk_covvae._show_versions import show_versions
 
 __version__ = "0.1.0.dev0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "TrainingInterruptedWarning",
     "__version__",
     "retain_freed_memory",
+    "show_versions",
 ]

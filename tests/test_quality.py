@@ -6,6 +6,7 @@ import contextlib
 import copy
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -513,3 +514,53 @@ def test_counts_accept_python_and_numpy_integers(tiny, images, value):
     assert tiny.reconstruction_log_likelihood(images[:3], n_particles=value).shape == (
         3,
     )
+
+
+# ------------------------------------------------------- exports and API page
+def test_show_versions_is_exported(capsys):
+    import sk_covvae
+    from sk_covvae import show_versions
+
+    assert "show_versions" in sk_covvae.__all__
+    show_versions()
+    assert "sk_covvae" in capsys.readouterr().out
+
+
+API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "api.rst"
+
+
+@pytest.mark.parametrize(
+    "module, names",
+    [
+        ("sk_covvae", None),
+        ("sk_covvae.distributions", None),
+        ("sk_covvae.preprocessing", None),
+        (
+            "sk_covvae.datasets",
+            [
+                "read_alerts",
+                "iter_alerts",
+                "AlertReadError",
+                "AlertReadWarning",
+                "REAL_LABEL",
+                "BOGUS_LABEL",
+                "ALERT_CHANNELS",
+            ],
+        ),
+        ("sk_covvae.report", ["write_run", "render_report", "redraw"]),
+    ],
+)
+def test_the_api_page_lists_the_public_names(module, names):
+    import importlib
+
+    # Each autosummary block follows the ``currentmodule`` it documents.
+    blocks, current = {}, None
+    for line in API_PAGE.read_text().splitlines():
+        if line.startswith(".. currentmodule:: "):
+            current = line.split()[-1]
+        elif line.startswith("   ") and line.strip() and ":" not in line:
+            blocks.setdefault(current, set()).add(line.strip())
+    if names is None:
+        names = [n for n in importlib.import_module(module).__all__ if n[0] != "_"]
+    missing = set(names) - blocks.get(module, set())
+    assert not missing, f"{module}: {sorted(missing)}"
