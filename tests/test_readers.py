@@ -15,8 +15,14 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import fastavro
+import lsst.alert.packet as alert_packet
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from astropy.io import fits
 
 from sk_covvae.datasets import (
     ALERT_CHANNELS,
@@ -27,9 +33,6 @@ from sk_covvae.datasets import (
     read_alerts,
 )
 from sk_covvae.datasets._fits import FITSError, read_cutout, read_fits_images
-
-fastavro = pytest.importorskip("fastavro")
-pd = pytest.importorskip("pandas")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
@@ -210,7 +213,6 @@ def test_cutout_sizes_and_nan_as_in_the_files(shipped):
 
 
 def test_fits_fast_path_equals_astropy_bit_for_bit(shipped):
-    fits = pytest.importorskip("astropy.io.fits")
     _, packets, _ = shipped
     n = 0
     for _, _, rec in packets:
@@ -274,7 +276,6 @@ def test_mixed_surveys_in_one_read(ztf, rubin):
 
 
 def fits_bytes(image, *, gz=False, extra=()):
-    fits = pytest.importorskip("astropy.io.fits")
     hdus = [fits.PrimaryHDU(image)]
     hdus += [fits.ImageHDU(data, name=name) for name, data in extra]
     buf = io.BytesIO()
@@ -404,8 +405,6 @@ def test_iter_alerts_rubin_sizes_follow_size_argument():
 
 
 def write_parquet(path, records, *, flatten=False, row_group_size=None):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
     table = pa.Table.from_pylist(records)
     if flatten:
         table = table.flatten()  # candidate.jd, cutoutScience.stampData, ...
@@ -511,11 +510,10 @@ def test_confluent_schema_from_avsc_file(tmp_path, ztf):
 
 
 def test_confluent_rubin_schemas_shipped_by_lsst_alert_packet(rubin):
-    packet = pytest.importorskip("lsst.alert.packet")
     packets, alerts = rubin
-    major, minor = packet.get_latest_schema_version()
-    schema = packet.Schema.from_file().definition
-    sample = Path(packet.get_schema_path(major, minor)) / "sample_data"
+    major, minor = alert_packet.get_latest_schema_version()
+    schema = alert_packet.Schema.from_file().definition
+    sample = Path(alert_packet.get_schema_path(major, minor)) / "sample_data"
     with open(sample / "fakeAlert.avro", "rb") as f:
         (record,) = list(fastavro.reader(f))
     schema_id = major * 100 + minor
@@ -672,7 +670,6 @@ def test_bad_paths(tmp_path):
 
 
 def _scaled_int_hdu(bitpix, bzero, bscale, blank=None):
-    fits = pytest.importorskip("astropy.io.fits")
     dtype = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}[bitpix]
     info = np.iinfo(dtype)
     raw = np.random.default_rng(bitpix).integers(
@@ -706,7 +703,6 @@ def _scaled_int_hdu(bitpix, bzero, bscale, blank=None):
     ],
 )
 def test_fits_integer_scaling_like_astropy(bitpix, bzero, bscale, blank):
-    fits = pytest.importorskip("astropy.io.fits")
     data = _scaled_int_hdu(bitpix, bzero, bscale, blank)
     with fits.open(io.BytesIO(data)) as hdul:
         want = np.array(hdul[0].data)
@@ -717,7 +713,6 @@ def test_fits_integer_scaling_like_astropy(bitpix, bzero, bscale, blank):
 
 
 def test_fits_extensions_by_name_and_float_scaling():
-    fits = pytest.importorskip("astropy.io.fits")
     image = np.arange(12, dtype=np.float64).reshape(3, 4)
     var = np.full((3, 4), 2.0, np.float32)
     data = fits_bytes(image, extra=[("UNCERT", var), ("PSFIMAGE", np.eye(5))])
@@ -735,7 +730,6 @@ def test_fits_extensions_by_name_and_float_scaling():
 
 
 def test_fits_compressed_image_goes_through_astropy():
-    fits = pytest.importorskip("astropy.io.fits")
     image = np.random.default_rng(0).normal(size=(30, 30)).astype(np.float32)
     hdul = fits.HDUList(
         [fits.PrimaryHDU(), fits.CompImageHDU(image, compression_type="GZIP_1")]
