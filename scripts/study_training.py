@@ -100,7 +100,9 @@ def table(paths):
         args = saved["args"]
         for r in saved["rows"]:
             print(
-                f"| {args['dataset']} | {args.get('stretch') or 'default'} "
+                f"| {args['dataset']}"
+                f"{' without saturated stars' if args.get('drop_saturated') else ''}"
+                f" | {args.get('stretch') or 'default (5)'} "
                 f"| {r['covariance']} | {r['schedule']} | {r['epochs']} "
                 f"| {r['n_active']} | {r['spearman_centre']:.2f} "
                 f"| {r.get('mean_r', float('nan')):.2f} | {r['median_mse']:.3g} "
