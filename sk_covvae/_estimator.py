@@ -876,7 +876,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         first = {
             "n_components": net.module__n_components,
             "covariance": net.module__covariance,
-            "neighbourhood": net.module__neighbourhood,
+            # Nets pickled before the 3x3 stencil have no neighbourhood.
+            "neighbourhood": getattr(net, "module__neighbourhood", "cross"),
             "channels": tuple(net.module__channels),
             "hidden_units": net.module__hidden_units,
             "min_scale": bounds[1],
@@ -1263,8 +1264,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         stretch they are the Gaussian's own, scaled: ``offset_ + scale_ *
         mean`` and ``scale_**2 * covariance``. With the stretch ``a``, pixel
         values are ``offset_ + scale_ * a * sinh(y / a)`` of the Gaussian
-        ``y``, whose moments have a closed form (:math:`E[\sinh u] =
-        \sinh\mu \, e^{\sigma^2/2}` and its two-pixel analogue); the mean is
+        ``y``, whose moments have a closed form (for ``u = y / a`` of mean
+        :math:`\mu` and variance :math:`\sigma^2`, :math:`E[\sinh u] =
+        \sinh\mu \, e^{\sigma^2/2}`, and its two-pixel analogue); the mean is
         then slightly larger in magnitude than :meth:`inverse_transform`'s
         decoder mean mapped back, which is each pixel's median.
 
@@ -1290,12 +1292,12 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         return _data_unit_moments(loc, cov, self.offset_, self.scale_, self.stretch_)
 
     def to_data_units(self, Y):
-        """Map values from the model's units (see :meth:`decoder_distribution`)
-        to the units of ``X``.
+        """Map values from the model's units to the units of ``X``.
 
-        Computes ``offset_ + scale_ * a * sinh(Y / a)`` with ``a =
-        stretch_``, or ``offset_ + scale_ * Y`` when ``stretch_`` is None:
-        for decoder means, samples or quantiles of one pixel (the map is
+        The model's units are those of :meth:`decoder_distribution`. Computes
+        ``offset_ + scale_ * a * sinh(Y / a)`` with ``a = stretch_``, or
+        ``offset_ + scale_ * Y`` when ``stretch_`` is None: for decoder
+        means, samples or quantiles of one pixel (the map is
         monotone), not for variances.
 
         Parameters
