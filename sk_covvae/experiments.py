@@ -45,7 +45,7 @@ from sklearn.metrics import accuracy_score, roc_auc_score, roc_curve
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 
-from sk_covvae._estimator import CovarianceVAE
+from sk_covvae._estimator import CovarianceVAE, _stretch_log_det
 
 __all__ = [
     "COVARIANCES",
@@ -356,7 +356,7 @@ def fit_with_early_stopping(
         log(f"{tag} {exc}")
         stopped_by = "non_finite_loss"
     fit_time = time.perf_counter() - start
-    history = _history_in_data_units(model, X.shape[1])
+    history = _history_in_data_units(model, X)
     if not history:
         raise FloatingPointError(f"{tag}: the first epoch already diverged.")
     stopper = dict(model.net_.callbacks_)["early_stopping"]
@@ -380,14 +380,25 @@ def fit_with_early_stopping(
     }
 
 
-def _history_in_data_units(model, n_features):
-    """Per-epoch losses of ``model.net_.history`` in nats in data units."""
-    jacobian = n_features * math.log(model.scale_)
+def _history_in_data_units(model, X):
+    """Per-epoch losses of ``model.net_.history`` in nats in data units.
+
+    skorch records mean losses of the standardized, stretched images; each
+    image's loss in data units is that minus the log-determinant of the data
+    map at the image, so the mean of the training (validation) images' terms
+    is added to the training (validation) loss.
+    """
+    log_det = _stretch_log_det(X, model.offset_, model.scale_, model.stretch_)
+    train, valid = model.net_.get_split_datasets(X)
+    shift = {
+        "train_loss": -log_det[np.asarray(train.indices)].mean(),
+        "valid_loss": -log_det[np.asarray(valid.indices)].mean(),
+    }
     return [
         {
             "stage": row.get("stage", "joint"),
-            "train_loss": float(row["train_loss"]) + jacobian,
-            "valid_loss": float(row["valid_loss"]) + jacobian,
+            "train_loss": float(row["train_loss"]) + shift["train_loss"],
+            "valid_loss": float(row["valid_loss"]) + shift["valid_loss"],
             "dur": float(row["dur"]),
         }
         for row in model.net_.history

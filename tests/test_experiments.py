@@ -165,3 +165,25 @@ def test_fashion_mnist_gives_bits_per_dim():
     (run,) = out["runs"]
     assert "rf_roc_auc" not in run and "anomaly_auroc" not in run
     assert 0 < run["bits_per_dim"] < 64
+
+
+def test_history_is_in_data_units_with_the_stretch(stamps):
+    X = stamps["X"][:140]
+    model, info = fit_with_early_stopping(
+        X[:100],
+        X[100:],
+        covariance="diagonal",
+        n_components=2,
+        max_epochs=2,
+        patience=None,
+        random_state=0,
+        **TINY,
+    )
+    assert model.stretch_ is not None
+    _, valid = model.net_.get_split_datasets(X)
+    u = (X[np.asarray(valid.indices)].astype(np.float64) - model.offset_) / model.scale_
+    log_det = -X.shape[1] * np.log(model.scale_) - 0.5 * np.log1p(
+        (u / model.stretch_) ** 2
+    ).sum(1)
+    shift = info["history"][-1]["valid_loss"] - model.net_.history[-1, "valid_loss"]
+    assert shift == pytest.approx(-log_det.mean(), rel=1e-9)
