@@ -33,6 +33,7 @@ from sk_covvae._net import (
     VAENet,
     expected_log_likelihood,
     log_likelihood_bound,
+    whitened_residual_sq_norm,
 )
 
 __all__ = [
@@ -190,6 +191,29 @@ def _stretch_log_det(X, offset, scale, stretch, chunk=_STANDARDIZE_ROWS):
     for start in range(0, X.shape[0], chunk):
         u = (np.asarray(X[start : start + chunk], dtype=np.float64) - offset) / scale
         out[start : start + len(u)] = const - 0.5 * np.log1p((u / stretch) ** 2).sum(1)
+    return out
+
+
+_ANOMALY_METHODS = StrOptions({"elbo", "iwae", "typicality", "likelihood_ratio"})
+
+
+def _reference_code_length(X, var_floor, chunk=_STANDARDIZE_ROWS):
+    r"""Per-row code length, in nats, of each row under its own Gaussian, float64.
+
+    Row ``x`` (D values) under :math:`N(m, v I)` with its own mean
+    :math:`m = \bar x` and variance :math:`v = \max(\frac1D \sum_i (x_i -
+    m)^2, \mathrm{var\_floor})`: :math:`L(x) = -\log N(x; m, v I) =
+    \frac{D}{2} (\log(2\pi v) + 1)` when the floor is not reached (the
+    maximum-likelihood fit), :math:`\frac{D}{2} \log(2\pi v) + \frac{1}{2v}
+    \sum_i (x_i - m)^2` in general.
+    """
+    out = np.empty(X.shape[0])
+    for start in range(0, X.shape[0], chunk):
+        x = np.asarray(X[start : start + chunk], dtype=np.float64)
+        sq = ((x - x.mean(1, keepdims=True)) ** 2).sum(1)
+        D = x.shape[1]
+        v = np.maximum(sq / D, var_floor)
+        out[start : start + len(x)] = 0.5 * D * np.log(2.0 * np.pi * v) + 0.5 * sq / v
     return out
 
 
@@ -1390,6 +1414,142 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         X = self._validate_X(X, reset=False, check_finite=False)
         n_particles = _check_count(n_particles, "n_particles")
         return self._log_densities(expected_log_likelihood, X, n_particles)
+
+    def anomaly_score(self, X, method="elbo", *, n_particles=16):
+        r"""Anomaly score of each sample: higher means more unusual.
+
+        Every method scores each image on its own, in the fixed-size blocks
+        of :meth:`score_samples` (an image's score does not depend on the
+        other rows of ``X``), with the posterior's fixed noise where it draws.
+
+        - ``'elbo'``: ``-score_samples(X)``, minus the evidence lower bound
+          (or the importance-weighted bound when ``n_score_particles > 1``),
+          in nats in the units of ``X``; the sign convention of
+          :class:`sklearn.ensemble.IsolationForest`.
+        - ``'iwae'``: minus the importance-weighted bound on log p(x) with
+          ``n_particles`` draws of z (Burda et al., 2016), in nats in the
+          units of ``X``. The same fixed draws as :meth:`score_samples`; it
+          equals ``'elbo'`` for ``n_particles=1`` (with
+          ``n_score_particles=1``) and its expectation decreases towards
+          ``-log p(x)`` as ``n_particles`` grows.
+        - ``'typicality'``: a goodness-of-fit test of the image against the
+          decoder at its posterior mean. With ``y`` the image in the model's
+          units (see :meth:`decoder_distribution`) and :math:`p(y|z) =
+          N(\mu, (L L^\top)^{-1})` the decoder at :math:`z = E[z|x]`, the
+          whitened residual :math:`r = L^\top (y - \mu)` is standard normal,
+          :math:`r \sim N(0, I_D)`, when ``y`` is drawn from that Gaussian,
+          so :math:`Q = \lVert r \rVert^2 \sim \chi^2_D` (D = H * W), of
+          mean D and variance 2D. The score is the two-sided z-score of
+          that statistic,
+
+          .. math::
+
+              \frac{|Q - D|}{\sqrt{2D}},
+
+          large both for a residual too large for the model (structure it
+          cannot reconstruct) and for one too small (an image smoother than
+          the model's noise, e.g. a constant or saturated stamp, which a
+          likelihood can rate as very typical). For large D it is
+          approximately the absolute value of a standard normal under the
+          model. Dimensionless, and independent of ``n_particles``.
+        - ``'likelihood_ratio'``: the complexity-corrected score of Serrà et
+          al. (2020), :math:`S(x) = -\log p(x) - L(x)`, with
+          :math:`-\log p(x)` the ``'elbo'`` score and :math:`L(x)` the code
+          length of the image, in nats, under a reference density that
+          needs no training: an independent Gaussian over the image's D
+          pixels with the image's own mean :math:`m` and (biased) variance
+          :math:`v = \frac1D \sum_i (x_i - m)^2`, both in the units of ``X``,
+
+          .. math::
+
+              L(x) = -\log N(x; m, v I_D) = \frac{D}{2}\left(\log(2\pi v)
+              + 1\right).
+
+          Both terms are log-densities over the same space (the units of
+          ``X``), so the score is a log-likelihood ratio: a change of the
+          units of ``X`` shifts both by the same amount. Images that are
+          simply smooth or plain (low :math:`v`) get a high likelihood under
+          any model; the reference removes that. For a nearly constant
+          image, ``v`` is floored at ``(min_scale * scale_)**2`` (then
+          :math:`L(x) = \frac{D}{2} \log(2\pi v) + \frac{1}{2v} \sum_i
+          (x_i - m)^2`), which keeps the score finite.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        method : {'elbo', 'iwae', 'typicality', 'likelihood_ratio'}, \
+                default='elbo'
+            The score; see above.
+        n_particles : int, default=16
+            Draws of z per sample for ``method='iwae'`` (ignored otherwise,
+            but validated): a positive integer (not a bool), else
+            scikit-learn's ``InvalidParameterError`` (a ``ValueError``).
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,)
+            float64.
+
+        Raises
+        ------
+        sklearn.utils._param_validation.InvalidParameterError
+            For an unknown ``method`` or an invalid ``n_particles`` (a
+            ``ValueError``).
+
+        See Also
+        --------
+        score_samples : The log-likelihood bound, ``-anomaly_score(X)``.
+        decoder_distribution : The decoder at the posterior mean, whose
+            ``whiten`` gives the residual of ``'typicality'``.
+
+        References
+        ----------
+        .. [1] Burda, Y., Grosse, R. and Salakhutdinov, R., "Importance
+           Weighted Autoencoders", ICLR 2016.
+        .. [2] Serrà, J., Álvarez, D., Gómez, V., Slizovskaia, O., Núñez,
+           J. F. and Luque, J., "Input Complexity and Out-of-distribution
+           Detection with Likelihood-based Generative Models", ICLR 2020.
+        .. [3] Nalisnick, E., Matsukawa, A., Teh, Y. W. and
+           Lakshminarayanan, B., "Detecting Out-of-Distribution Inputs to Deep
+           Generative Models Using Typicality", arXiv 1906.02994, 2019.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sk_covvae import CovarianceVAE
+        >>> X = np.random.RandomState(0).normal(size=(64, 36))
+        >>> vae = CovarianceVAE(n_components=2, max_epochs=2, random_state=0)
+        >>> vae.fit(X).anomaly_score(X[:3], method="typicality").shape
+        (3,)
+        """
+        check_is_fitted(self)
+        if not (isinstance(method, str) and _ANOMALY_METHODS.is_satisfied_by(method)):
+            raise InvalidParameterError(
+                f"method must be a str among {sorted(_ANOMALY_METHODS.options)}, "
+                f"got {method!r}."
+            )
+        n_particles = _check_count(n_particles, "n_particles")
+        X = self._validate_X(X, reset=False, check_finite=False)
+        if method == "iwae":
+            return -self._log_densities(log_likelihood_bound, X, n_particles)
+        if method == "typicality":
+            return self._typicality(X)
+        scores = -self._log_densities(log_likelihood_bound, X, self.n_score_particles)
+        if method == "likelihood_ratio":
+            var_floor = (self.min_scale * self.scale_) ** 2
+            scores -= _reference_code_length(X, var_floor)
+        return scores
+
+    def _typicality(self, X):
+        """``anomaly_score(X, method='typicality')`` of validated ``X``."""
+        module = self._module()
+        with torch.inference_mode(), _reproducible_kernels(self.net_.device):
+            q = [
+                whitened_residual_sq_norm(module, xb)[:n] for xb, n in self._batches(X)
+            ]
+        q = torch.cat(q).double().cpu().numpy()
+        D = X.shape[1]
+        return np.abs(q - D) / math.sqrt(2.0 * D)
 
     def score(self, X, y=None):
         """Mean of :meth:`score_samples`, a lower bound on the mean log-likelihood.

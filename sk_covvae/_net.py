@@ -144,6 +144,32 @@ def expected_log_likelihood(module, x_flat, eps, dtype=torch.float64):
     return sum(_decoder_log_prob(module, z_j, x, dtype) for z_j in z) / len(z)
 
 
+def whitened_residual_sq_norm(module, x_flat, dtype=torch.float64):
+    r"""Per-image :math:`\lVert L^\top (x - \mu_\theta(z)) \rVert^2` at z = E[z|x].
+
+    The decoder's distribution at the posterior mean (as
+    ``CovarianceVAE.decoder_distribution`` builds it: the encoder's float32
+    mean, decoder parameters in ``dtype``) whitens the image: under that
+    Gaussian, :math:`r = L^\top (x - \mu)` is standard normal, so the result
+    is :math:`\chi^2_D`-distributed, D = H * W.
+
+    Parameters
+    ----------
+    module : VAEModule
+    x_flat : torch.Tensor of shape (N, D)
+    dtype : torch.dtype, default=torch.float64
+        Dtype of the decoder's parameters, of the residual and of the sum.
+
+    Returns
+    -------
+    torch.Tensor of shape (N,)
+    """
+    mu, _ = module.encode(x_flat)
+    px = module.decode(mu, dtype=dtype)
+    r = px.whiten(module.images(x_flat).to(dtype))
+    return r.pow(2).sum((-2, -1))
+
+
 class SliceLoader:
     """Mini-batches by indexing the data tensor, for skorch's ``iterator_*``.
 
