@@ -1616,3 +1616,91 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
+
+    # ------------------------------------------------------------- model files
+    def save(self, path):
+        """Write the fitted model to a single file, without pickle.
+
+        The file is a zip archive: a JSON manifest (format version, the
+        versions of sk_covvae, torch, scikit-learn and skorch that wrote it,
+        the parameters and the fitted attributes) and the module's weights
+        and fitted arrays in numpy's ``.npy`` format. Unlike a pickle, it
+        runs no code when loaded and does not depend on the classes'
+        internals. A ``random_state`` that is a ``RandomState`` instance is
+        recorded as None. The training history, the optimizer's state and
+        the early-stopping state are not saved.
+
+        Parameters
+        ----------
+        path : str or path-like
+            File to write (replaced if it exists); ``.covvae`` or ``.zip``
+            are fitting suffixes.
+
+        Returns
+        -------
+        self : CovarianceVAE
+            The estimator, unchanged.
+
+        See Also
+        --------
+        load : Read a model file.
+        """
+        from sk_covvae import _persistence
+
+        _persistence.save(self, path)
+        return self
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        """Read a model file written by :meth:`save`.
+
+        The net and module are rebuilt as ``fit`` builds them, without
+        training, and the saved weights are loaded onto ``device``:
+        :meth:`transform`, :meth:`score_samples`, :meth:`inverse_transform`
+        and :meth:`sample` then give the saved model's results (bit for bit
+        on the same kind of device). The loaded model is meant for
+        inference. ``fit`` with ``warm_start=True`` continues training its
+        weights, but with a fresh Adam state and an empty history:
+        ``n_epochs_`` and ``net_.history`` then count the epochs since
+        loading, and early stopping starts from the loaded weights' validation
+        loss (the validation split is the original one when ``random_state``
+        was an integer and ``X`` is the same).
+
+        Parameters
+        ----------
+        path : str or path-like
+            A file written by :meth:`save`.
+        device : str, default='cpu'
+            Torch device for the loaded model (``'auto'``, ``'cpu'``,
+            ``'cuda'``, ``'cuda:N'``); it replaces the saved ``device``
+            parameter. ``device_`` keeps the device of the original fit.
+
+        Returns
+        -------
+        estimator : CovarianceVAE
+            A fitted estimator.
+
+        Raises
+        ------
+        ValueError
+            Naming the file and the problem when it is not a model file, is
+            truncated or corrupt, has a newer format version than this
+            sk_covvae reads, or holds weights whose shapes do not match the
+            architecture of its parameters.
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from sk_covvae import CovarianceVAE
+        >>> X = np.random.RandomState(0).normal(size=(64, 36))
+        >>> vae = CovarianceVAE(n_components=2, max_epochs=2, random_state=0)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.covvae")
+        >>> _ = vae.fit(X).save(path)
+        >>> loaded = CovarianceVAE.load(path)
+        >>> bool(np.array_equal(loaded.score_samples(X), vae.score_samples(X)))
+        True
+        """
+        from sk_covvae import _persistence
+
+        return _persistence.load(cls, path, device=device)

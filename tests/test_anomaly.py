@@ -212,3 +212,16 @@ def test_wrong_number_of_features_raises(fitted, data):
     X, _ = data
     with pytest.raises(ValueError, match="features"):
         fitted.anomaly_score(X[:, :-1], method="typicality")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_input_agrees_with_float64(fitted, data, method):
+    # The network runs in float32 either way: the scores differ by the
+    # rounding of the input only.
+    X, _ = data
+    np.testing.assert_allclose(
+        fitted.anomaly_score(X.astype(np.float32), method=method, n_particles=4),
+        fitted.anomaly_score(X, method=method, n_particles=4),
+        rtol=1e-5,
+        atol=1e-4,
+    )
