@@ -299,6 +299,16 @@ def load(cls, path, device="cpu"):
             f"{n_features_in} pixels.",
         )
 
+    for name, value in arrays.items():
+        if value.shape != (estimator.n_components,) or value.dtype.kind != "f":
+            raise _bad(
+                shown,
+                f"{name} has shape {value.shape} and dtype {value.dtype}, not "
+                f"({estimator.n_components},) floats.",
+            )
+    if names is not None and len(names) != n_features_in:
+        raise _bad(shown, f"it names {len(names)} features but has {n_features_in}.")
+
     device = _resolve_device(device)
     # The seed fit would use for the validation split (with an integer
     # random_state): a warm start from the loaded model splits as the
@@ -331,9 +341,9 @@ def load(cls, path, device="cpu"):
     estimator._set_fitted(net, image_shape, offset, scale, stretch, fitted_device)
     estimator.n_epochs_ = n_epochs
     estimator.n_features_in_ = n_features_in
-    if names is not None:
-        estimator.feature_names_in_ = np.asarray(names, dtype=object)
     for name, value in arrays.items():
         setattr(estimator, name, value)
+    if names is not None:
+        estimator.feature_names_in_ = np.asarray(names, dtype=object)
     estimator.n_active_components_ = n_active
     return estimator

@@ -244,3 +244,26 @@ def test_pickled_array_is_refused(saved, tmp_path):
     _rewrite(saved, path, change)
     with pytest.raises(ValueError, match=r"pickled\.covvae.*not a plain \.npy"):
         CovarianceVAE.load(path)
+
+
+def test_fitted_array_of_the_wrong_shape(saved, tmp_path):
+    path = tmp_path / "arrays.covvae"
+
+    def change(name, data):
+        if not name.startswith("arrays/latent"):
+            return data
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros(7), allow_pickle=False)
+        return buffer.getvalue()
+
+    _rewrite(saved, path, change)
+    with pytest.raises(ValueError, match=r"arrays\.covvae.*latent_activity_"):
+        CovarianceVAE.load(path)
+
+
+def test_load_on_auto_device(fitted, saved, data):
+    X, _ = data
+    loaded = CovarianceVAE.load(saved, device="auto")
+    assert loaded.device == "auto"
+    assert torch.device(loaded.net_.device).type == DEVICE
+    np.testing.assert_array_equal(loaded.transform(X), fitted.transform(X))
