@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from sk_covvae import CovarianceVAE
-from sk_covvae.datasets import make_difference_stamps
+from sk_covvae.datasets import REAL_LABEL, make_difference_stamps
 
 # The networks here are tiny: one CPU thread trains them several times faster
 # than many threads, which mostly wait on each other.
@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 stamps = make_difference_stamps(1600, random_state=2)
 X, y, kind = stamps.data, stamps.target, stamps.artefact_type
 train = np.zeros(len(y), dtype=bool)
-train[np.flatnonzero(y == 1)[:500]] = True  # 500 real stamps
+train[np.flatnonzero(y == REAL_LABEL)[:500]] = True  # 500 real stamps
 test = ~train  # the remaining real stamps and every bogus one
 
 vae = CovarianceVAE(

@@ -22,7 +22,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
 from sk_covvae import CovarianceVAE
-from sk_covvae.datasets import make_difference_stamps
+from sk_covvae.datasets import REAL_LABEL, make_difference_stamps
 
 # The networks here are tiny: one CPU thread trains them several times faster
 # than many threads, which mostly wait on each other.
@@ -86,7 +86,7 @@ vae_search = GridSearchCV(
     {"n_components": [2, 16]},
     cv=2,
 )
-vae_search.fit(X[y == 1])
+vae_search.fit(X[y == REAL_LABEL])
 for k_, score in zip(
     vae_search.cv_results_["param_n_components"],
     vae_search.cv_results_["mean_test_score"],
