@@ -36,18 +36,6 @@ _ESTIMATOR_OPTIONS = (
     "device",
 )
 
-_FIGURES = {
-    "reconstructions.png": "test images, decoder means and samples per model "
-    "(paper Figs. 6-7)",
-    "covariance.png": "precision and covariance matrices of one test image, and "
-    "the correlation of its centre pixel (paper Fig. 5)",
-    "latent_sweep.png": "test -E[log p(x|z)] against latent size (paper Fig. 4)",
-    "latent_projection.png": "test latent means projected on 2 principal "
-    "components, coloured by class",
-    "roc.png": "ROC curves: RandomForest real/bogus and anomaly detection",
-    "training.png": "validation negative ELBO per epoch",
-}
-
 
 def _integer_at_least(text, minimum):
     try:
