@@ -1477,8 +1477,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-        method : {'elbo', 'iwae', 'typicality', 'likelihood_ratio'}, \
-                default='elbo'
+        method : {'elbo', 'iwae', 'typicality', 'likelihood_ratio'}, default='elbo'
             The score; see above.
         n_particles : int, default=16
             Draws of z per sample for ``method='iwae'`` (ignored otherwise,
