@@ -257,11 +257,15 @@ def _compare(args):
     torch.set_num_threads(args.threads)
     maybe_retain_freed_memory()
     data_kw, run_kw, params = _settings(args)
-    _log(f"covvae compare: dataset={args.dataset} {data_kw} {run_kw} {params}")
     start = time.perf_counter()
     data = experiments.load_dataset(args.dataset, random_state=0, **data_kw)
     defaults = experiments.PROTOCOL_DEFAULTS[args.dataset]
     run_kw = {**{k: defaults[k] for k in ("n_components", "max_epochs")}, **run_kw}
+    _log(
+        f"covvae compare: {data['description']}; seeds {args.seed}; "
+        + ", ".join(f"{k}={v}" for k, v in {**run_kw, **params}.items())
+        + f"; other settings: the defaults -> {args.out}/"
+    )
     result = experiments.run_comparison(
         data, seeds=args.seed, n_jobs=args.jobs, log=_log, **run_kw, **params
     )
