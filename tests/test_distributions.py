@@ -322,18 +322,23 @@ def test_spherical_matches_independent_normal():
     assert d.batch_shape == (3,)
 
 
-def test_sampling_128x128_uses_little_memory():
-    # A dense covariance for 8 images of 128x128 would need 8 * 16384**2 * 4
-    # bytes = 8.6 GB; the structured solver needs a few MB. Measured in a
-    # fresh process as the growth of its peak resident memory.
-    code = textwrap.dedent(
-        """
+def _sampling_memory_growth(construct):
+    """Growth of peak resident memory when one sample is drawn from the
+    distribution built by the statement ``construct`` (names ``shape`` and
+    ``d``), measured in a fresh process after a warm-up draw."""
+    code = (
+        textwrap.dedent(
+            """
         import resource, torch
-        from sk_covvae.distributions import BandedPrecisionNormal
+        from sk_covvae.distributions import (
+            BandedPrecisionNormal, StencilPrecisionNormal)
         torch.set_num_threads(1)
         shape = (8, 128, 128)
-        d = BandedPrecisionNormal(torch.zeros(shape), torch.zeros(shape),
-                                  0.4 * torch.ones(shape), -0.4 * torch.ones(shape))
+        """
+        )
+        + textwrap.dedent(construct)
+        + textwrap.dedent(
+            """
         d.rsample((1,))  # warm up allocator and kernels
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         x = d.rsample()
@@ -341,11 +346,24 @@ def test_sampling_128x128_uses_little_memory():
         assert x.shape == shape and bool(torch.isfinite(x).all())
         print((after - before) * 1024)
         """
+        )
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
-    grown = int(out.stdout.split()[-1])
+    return int(out.stdout.split()[-1])
+
+
+def test_sampling_128x128_uses_little_memory():
+    # A dense covariance for 8 images of 128x128 would need 8 * 16384**2 * 4
+    # bytes = 8.6 GB; the structured solver needs a few MB. Measured in a
+    # fresh process as the growth of its peak resident memory.
+    grown = _sampling_memory_growth(
+        """
+        d = BandedPrecisionNormal(torch.zeros(shape), torch.zeros(shape),
+                                  0.4 * torch.ones(shape), -0.4 * torch.ones(shape))
+        """
+    )
     assert grown < 200 * 2**20
 
 
@@ -754,26 +772,12 @@ def test_stencil_boundary_couplings_have_no_effect(shape, relative):
 def test_stencil_sampling_128x128_uses_little_memory():
     # As for the cross: a dense covariance would need 8.6 GB; the wavefront
     # solver a few MB for 8 images.
-    code = textwrap.dedent(
+    grown = _sampling_memory_growth(
         """
-        import resource, torch
-        from sk_covvae.distributions import StencilPrecisionNormal
-        torch.set_num_threads(1)
-        shape = (8, 128, 128)
         c = 0.2 * torch.ones(8, 4, 128, 128)
         d = StencilPrecisionNormal(torch.zeros(shape), torch.zeros(shape), c)
-        d.rsample((1,))  # warm up allocator and kernels
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        x = d.rsample()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        assert x.shape == shape and bool(torch.isfinite(x).all())
-        print((after - before) * 1024)
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    grown = int(out.stdout.split()[-1])
     assert grown < 200 * 2**20
 
 
