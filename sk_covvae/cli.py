@@ -92,6 +92,7 @@ def _build_parser():
     sub.required = True
     _add_compare_parser(sub)
     _add_figures_parser(sub)
+    _add_score_parser(sub)
     return parser
 
 
@@ -223,6 +224,149 @@ def _add_figures_parser(sub):
     )
     fig.add_argument("dir", help="output folder of `covvae compare --save-models`")
     fig.set_defaults(func=_figures)
+
+
+def _add_score_parser(sub):
+    """The ``score`` sub-command: anomaly scores of alert files to Parquet."""
+    score = sub.add_parser(
+        "score",
+        help="score alert files with a model file and write a Parquet table",
+        description="Read alert files (ZTF / Rubin Avro, Kafka frames, Parquet) "
+        "or folders of them in batches, score every alert with MODEL (a fitted "
+        "Pipeline or CovarianceVAE saved with joblib, or a CovarianceVAE.save "
+        "file) and write alert ids, object ids and scores to one Parquet file "
+        "(sk_covvae.scoring.score_alerts).",
+    )
+    score.add_argument("model", metavar="MODEL", help="model file")
+    score.add_argument(
+        "inputs", metavar="INPUT", nargs="+", help="alert files or folders"
+    )
+    score.add_argument(
+        "--out", required=True, metavar="OUT.parquet", help="Parquet file to write"
+    )
+    score.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="alerts read and scored at once (default: 1000)",
+    )
+    score.add_argument(
+        "--method",
+        default="elbo",
+        metavar="M",
+        help="anomaly_score method (default: elbo, i.e. -score_samples)",
+    )
+    score.add_argument(
+        "--latents", action="store_true", help="also write the latent features"
+    )
+    score.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="stop at an unreadable file, or skip it and list it in the "
+        "summary and the file's metadata (default: raise)",
+    )
+    score.add_argument(
+        "--engine",
+        choices=("local", "dask"),
+        default="local",
+        help="this process, or a dask.distributed cluster (default: local)",
+    )
+    score.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --engine dask: the scheduler's address (default: a "
+        "LocalCluster of 2 worker processes on 127.0.0.1)",
+    )
+    score.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="torch device of a CovarianceVAE.save model (default: cpu)",
+    )
+    score.set_defaults(func=_score)
+
+
+def _progress_bar():
+    """A progress callback and its closer: tqdm on a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None:
+
+        def line(n_alerts, done, total):
+            print(
+                f"\r{done}/{total} files, {n_alerts} alerts",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        return line, lambda: print(file=sys.stderr)
+    bar = tqdm(total=None, unit="file", file=sys.stderr, dynamic_ncols=True)
+
+    def update(n_alerts, done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+        bar.set_postfix_str(f"{n_alerts} alerts", refresh=False)
+
+    return update, bar.close
+
+
+def _score(args):
+    import warnings
+
+    from sk_covvae import scoring
+    from sk_covvae._allocator import maybe_retain_freed_memory
+    from sk_covvae.datasets import AlertReadError, AlertReadWarning
+
+    maybe_retain_freed_memory()
+    if args.scheduler is not None and args.engine != "dask":
+        raise _UsageError("--scheduler needs --engine dask")
+    progress, close = _progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # the summary lists every skipped file with its reason
+            warnings.simplefilter("ignore", AlertReadWarning)
+            try:
+                summary = scoring.score_alerts(
+                    args.model,
+                    args.inputs,
+                    args.out,
+                    batch_size=args.batch_size,
+                    method=args.method,
+                    latents=args.latents,
+                    on_error=args.on_error,
+                    engine=args.engine,
+                    scheduler=args.scheduler,
+                    device=args.device,
+                    progress=progress,
+                )
+            finally:
+                close()  # the bar ends before the summary or the error
+    except scoring.ModelFileError as exc:
+        raise _UsageError(f"bad model file {exc}") from exc
+    except AlertReadError as exc:
+        print(
+            f"covvae score: error: cannot read {exc} (--on-error skip skips "
+            "unreadable files)",
+            file=sys.stderr,
+        )
+        return 1
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from exc
+    _log(f"covvae score: {summary}")
+    if summary.n_alerts == 0:
+        print(
+            "covvae score: error: no readable alert in " + " ".join(args.inputs),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _settings(args):
