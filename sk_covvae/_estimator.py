@@ -100,8 +100,12 @@ _NORMAL_SPREAD_1_99 = 4.652695748
 _SCALING_SUBSAMPLE = 200_000
 
 
-def _global_standardization(X):
+def _global_standardization(X, n_channels=None):
     """Robust global offset and scale of all pixels of X.
+
+    With ``n_channels`` (rows flattened channel-first), one offset and one
+    scale per channel, as float64 arrays of shape (C,), each computed as
+    below from that channel's pixels.
 
     The offset is the median pixel value and the scale the 1st-99th
     percentile range over 4.65, which equals the standard deviation for
@@ -112,6 +116,10 @@ def _global_standardization(X):
     quantiles are those of that many pixels drawn with a fixed seed (their
     standard error is far below a percent).
     """
+    if n_channels is not None:
+        per_channel = np.asarray(X).reshape(X.shape[0], n_channels, -1)
+        pairs = [_global_standardization(per_channel[:, c]) for c in range(n_channels)]
+        return tuple(np.array(v, dtype=np.float64) for v in zip(*pairs))
     values = np.asarray(X).ravel()
     if values.size > _SCALING_SUBSAMPLE:
         rng = np.random.default_rng(0)
@@ -144,14 +152,29 @@ def _standardized_chunks(
     float32.
     """
     on_cpu = device is None or torch.device(device).type == "cpu"
+    per_feature = np.ndim(offset) > 0
+    if per_feature:
+        # Per-feature vectors (one value per channel, repeated): as tensors,
+        # in the dtype the rows are standardized in, like a Python scalar.
+        where = "cpu" if on_cpu else device
+        dtype = torch.float32 if X.dtype == np.float32 else torch.float64
+        offset_t = torch.as_tensor(offset, dtype=dtype, device=where)
+        scale_t = torch.as_tensor(scale, dtype=dtype, device=where)
     for start in range(0, X.shape[0], chunk):
         rows = X[start : start + chunk]
         if not on_cpu:
             block = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
-            block = ((block - offset) / scale).to(torch.float32)
+            if per_feature:
+                block = ((block - offset_t) / scale_t).to(torch.float32)
+            else:
+                block = ((block - offset) / scale).to(torch.float32)
         elif rows.dtype == np.float32:
-            block = torch.from_numpy(np.ascontiguousarray(rows)) - offset
-            block.div_(scale)
+            if per_feature:
+                block = torch.from_numpy(np.ascontiguousarray(rows)) - offset_t
+                block.div_(scale_t)
+            else:
+                block = torch.from_numpy(np.ascontiguousarray(rows)) - offset
+                block.div_(scale)
         else:
             block = (np.asarray(rows, dtype=np.float64) - offset) / scale
             with np.errstate(over="ignore"):  # reported below, with the cause
@@ -161,7 +184,7 @@ def _standardized_chunks(
         # overflow too; the exact tests then decide). X's own values are
         # checked first, with scikit-learn's message.
         if not torch.isfinite(block.sum()) and not torch.isfinite(block).all():
-            assert_all_finite(rows, input_name="X")
+            _assert_finite(rows)
             raise ValueError(
                 "X holds values too far from the training data to represent in "
                 "float32 after standardization (|X - offset_| / scale_ > 3.4e38)."
@@ -169,6 +192,21 @@ def _standardized_chunks(
         if stretch is not None:
             block = torch.asinh(block / stretch).mul_(stretch)
         yield block
+
+
+_NAN_HINT = (
+    " Survey stamps have missing pixels (NaN) where a cutout touches a CCD "
+    "edge: fill them first, e.g. with sk_covvae.preprocessing.StampPreprocessor "
+    "(fill_value=0.0) in a Pipeline before CovarianceVAE."
+)
+
+
+def _assert_finite(X):
+    """scikit-learn's check that X is finite, its message pointing to the fix."""
+    try:
+        assert_all_finite(X, input_name="X")
+    except ValueError as exc:
+        raise ValueError(str(exc) + _NAN_HINT) from None
 
 
 def _stretch_log_det(X, offset, scale, stretch, chunk=_STANDARDIZE_ROWS):
@@ -184,7 +222,10 @@ def _stretch_log_det(X, offset, scale, stretch, chunk=_STANDARDIZE_ROWS):
         - \tfrac12 \log\bigl(1 + (u_i / a)^2\bigr).
     """
     n_features = X.shape[1]
-    const = -n_features * math.log(scale)
+    if np.ndim(scale) > 0:  # one scale per feature
+        const = -float(np.sum(np.log(scale)))
+    else:
+        const = -n_features * math.log(scale)
     if stretch is None:
         return np.full(X.shape[0], const)
     out = np.empty(X.shape[0])
@@ -197,8 +238,12 @@ def _stretch_log_det(X, offset, scale, stretch, chunk=_STANDARDIZE_ROWS):
 _ANOMALY_METHODS = StrOptions({"elbo", "iwae", "typicality", "likelihood_ratio"})
 
 
-def _reference_code_length(X, var_floor, chunk=_STANDARDIZE_ROWS):
+def _reference_code_length(X, var_floor, n_channels=1, chunk=_STANDARDIZE_ROWS):
     r"""Per-row code length, in nats, of each row under its own Gaussian, float64.
+
+    With ``n_channels`` C > 1 (rows flattened channel-first), each channel
+    has its own Gaussian (its own mean and variance, floored at that
+    channel's entry of ``var_floor``, shape (C,)) and the code lengths add.
 
     Row ``x`` (D values) under :math:`N(m, v I)` with its own mean
     :math:`m = \bar x` and variance :math:`v = \max(\frac1D \sum_i (x_i -
@@ -210,11 +255,31 @@ def _reference_code_length(X, var_floor, chunk=_STANDARDIZE_ROWS):
     out = np.empty(X.shape[0])
     for start in range(0, X.shape[0], chunk):
         x = np.asarray(X[start : start + chunk], dtype=np.float64)
-        sq = ((x - x.mean(1, keepdims=True)) ** 2).sum(1)
-        D = x.shape[1]
+        if n_channels > 1:
+            x = x.reshape(len(x), n_channels, -1)
+        sq = ((x - x.mean(-1, keepdims=True)) ** 2).sum(-1)
+        D = x.shape[-1]
         v = np.maximum(sq / D, var_floor)
-        out[start : start + len(x)] = 0.5 * D * np.log(2.0 * np.pi * v) + 0.5 * sq / v
+        length = 0.5 * D * np.log(2.0 * np.pi * v) + 0.5 * sq / v
+        out[start : start + len(x)] = length.sum(-1) if n_channels > 1 else length
     return out
+
+
+def _per_feature(value, image_shape):
+    """A per-channel ``offset_`` or ``scale_`` as one value per feature.
+
+    Scalars (one-channel images) are returned as they are.
+    """
+    if np.ndim(value) == 0:
+        return value
+    return np.repeat(np.asarray(value, dtype=np.float64), math.prod(image_shape[1:]))
+
+
+def _outer_square(scale):
+    """``scale**2``, or the outer product of a per-feature scale with itself."""
+    if np.ndim(scale) == 0:
+        return scale**2
+    return np.multiply.outer(scale, scale)
 
 
 def _unstretch(y, stretch):
@@ -246,7 +311,7 @@ def _data_unit_moments(loc, cov, offset, scale, stretch):
     Entries overflow to inf only for variances of hundreds of ``a**2``.
     """
     if stretch is None:
-        return loc * scale + offset, cov * scale**2
+        return loc * scale + offset, cov * _outer_square(scale)
     a = float(stretch)
     u = loc / a
     c = cov / a**2
@@ -258,7 +323,9 @@ def _data_unit_moments(loc, cov, offset, scale, stretch):
         ch[..., :, None] * ch[..., None, :] * np.sinh(c)
         + 2.0 * sh[..., :, None] * sh[..., None, :] * np.sinh(0.5 * c) ** 2
     )
-    return mean, cov_x * (scale * a) ** 2
+    if np.ndim(scale) == 0:
+        return mean, cov_x * (scale * a) ** 2
+    return mean, cov_x * (_outer_square(scale) * a**2)
 
 
 def _pad_rows(block, rows=_INFERENCE_BATCH):
@@ -503,11 +570,17 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Each of the ``K`` couplings is bounded by ``0.9 / K`` of the
         diagonal (see :func:`~sk_covvae.distributions.constrain_stencil_parameters`)
         for ``'3x3'``. Ignored unless ``covariance='banded'``.
-    image_shape : tuple of int (H, W) or None, default=None
-        Shape of each image; rows of ``X`` are images flattened row-major.
-        ``None`` means square images when ``n_features`` is a perfect square,
+    image_shape : tuple of int (H, W) or (C, H, W), or None, default=None
+        Shape of each image; rows of ``X`` are images flattened row-major,
+        channel first for ``(C, H, W)`` (C order: channel, row, column; e.g.
+        a survey's science, template and difference stamps). ``None`` means
+        square one-channel images when ``n_features`` is a perfect square,
         otherwise 1-D signals of shape ``(1, n_features)`` (with an
-        :class:`ImageShapeWarning`).
+        :class:`ImageShapeWarning`). With C channels the encoder reads all C,
+        each channel is standardized on its own (``offset_``, ``scale_``) and
+        the decoder gives each channel its own mean and covariance (the
+        channels independent given z; see
+        :class:`~sk_covvae.distributions.IndependentChannels`).
     max_epochs : int, default=100
         Maximum number of passes over the training data.
     batch_size : int, default=256
@@ -598,15 +671,16 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     net_ : skorch.NeuralNet
         The fitted net; ``net_.module_`` is the PyTorch module and
         ``net_.history`` the per-epoch losses (in standardized units).
-    image_shape_ : tuple of int (H, W)
+    image_shape_ : tuple of int (H, W) or (C, H, W)
         Shape of the images.
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when ``X`` has string column names.
-    offset_, scale_ : float
-        Global standardization: the model sees ``(X - offset_) / scale_``
-        (stretched, see ``stretch``).
+    offset_, scale_ : float, or ndarray of shape (C,)
+        Robust standardization: the model sees ``(X - offset_) / scale_``
+        (stretched, see ``stretch``); one value for (H, W) images, one per
+        channel for (C, H, W) ones.
     stretch_ : float or None
         The stretch of the fit (a warm start keeps the first fit's).
     n_epochs_ : int
@@ -784,18 +858,18 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             )
             return (1, n_features)
         shape = tuple(self.image_shape)
-        if len(shape) != 2 or not all(
+        if len(shape) not in (2, 3) or not all(
             isinstance(s, Integral | np.integer) and not isinstance(s, bool) and s >= 1
             for s in shape
         ):
             raise ValueError(
-                "image_shape must be None or two positive integers (H, W), "
-                f"got {self.image_shape!r}."
+                "image_shape must be None, two positive integers (H, W) or three "
+                f"(C, H, W), got {self.image_shape!r}."
             )
-        shape = (int(shape[0]), int(shape[1]))
-        if shape[0] * shape[1] != n_features:
+        shape = tuple(int(s) for s in shape)
+        if math.prod(shape) != n_features:
             raise ValueError(
-                f"image_shape={shape} holds {shape[0] * shape[1]} pixels but X has "
+                f"image_shape={shape} holds {math.prod(shape)} values but X has "
                 f"{n_features} features."
             )
         return shape
@@ -803,14 +877,17 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     def _validate_X(self, X, reset, check_finite=True):
         """``validate_data``; ``check_finite=False`` where the caller's
         standardization pass checks finiteness itself (``_batches``)."""
-        return validate_data(
+        X = validate_data(
             self,
             X,
             reset=reset,
             dtype=[np.float64, np.float32],
             ensure_min_samples=2 if reset else 1,
-            ensure_all_finite=check_finite,
+            ensure_all_finite=False,
         )
+        if check_finite:
+            _assert_finite(X)
+        return X
 
     # --------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -872,11 +949,18 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 stopper.patience = math.inf if self.patience is None else self.patience
             n_before = len(net.history)
         else:
-            offset, scale = _global_standardization(X)
+            n_channels = image_shape[0] if len(image_shape) == 3 else None
+            offset, scale = _global_standardization(X, n_channels)
             stretch = self.stretch
             net = self._build_net(image_shape, device, seed)
             n_before = 0
-        Xt = _training_tensor(X, offset, scale, stretch, device)
+        Xt = _training_tensor(
+            X,
+            _per_feature(offset, image_shape),
+            _per_feature(scale, image_shape),
+            stretch,
+            device,
+        )
 
         try:
             stopped_by = self._train(net, Xt, device, seed, initialize=not warm)
@@ -1136,16 +1220,24 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         blocks, each with the number of its real (unpadded) rows.
         """
         device = torch.device(self.net_.device)
+        offset, scale = self._feature_scaling()
         for chunk in _standardized_chunks(
             X,
-            self.offset_,
-            self.scale_,
+            offset,
+            scale,
             chunk=_STANDARDIZE_ROWS,
             device=device,
             stretch=self.stretch_,
         ):
             for block in chunk.split(_INFERENCE_BATCH):
                 yield _pad_rows(block), len(block)
+
+    def _feature_scaling(self):
+        """``offset_`` and ``scale_``: scalars, or one value per feature."""
+        return (
+            _per_feature(self.offset_, self.image_shape_),
+            _per_feature(self.scale_, self.image_shape_),
+        )
 
     def _module(self):
         module = self.net_.module_
@@ -1313,7 +1405,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         n = px.loc.shape[0]
         loc = px.loc.reshape(n, -1).cpu().numpy()
         cov = px.covariance_matrix.cpu().numpy()
-        return _data_unit_moments(loc, cov, self.offset_, self.scale_, self.stretch_)
+        offset, scale = self._feature_scaling()
+        return _data_unit_moments(loc, cov, offset, scale, self.stretch_)
 
     def to_data_units(self, Y):
         """Map values from the model's units to the units of ``X``.
@@ -1340,7 +1433,23 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     def _to_data_units(self, y):
         """``to_data_units`` of a float64 ndarray."""
-        return _unstretch(y, self.stretch_) * self.scale_ + self.offset_
+        if np.ndim(self.scale_) == 0:
+            return _unstretch(y, self.stretch_) * self.scale_ + self.offset_
+        # One scale per channel: Y holds flattened images (..., C * H * W)
+        # or images (..., C, H, W).
+        if y.shape[-1:] == (self.n_features_in_,):
+            offset, scale = self._feature_scaling()
+        elif y.shape[-3:] == tuple(self.image_shape_):
+            offset = self.offset_[:, None, None]
+            scale = self.scale_[:, None, None]
+        else:
+            raise ValueError(
+                "With one scale per channel, Y must hold flattened images (..., "
+                f"{self.n_features_in_}) or images (..., "
+                f"{', '.join(map(str, self.image_shape_))}); got shape "
+                f"{tuple(y.shape)}."
+            )
+        return _unstretch(y, self.stretch_) * scale + offset
 
     def score_samples(self, X):
         """Lower bound on the log-likelihood log p(x) of each sample, in nats.
@@ -1382,7 +1491,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         eps = self._fixed_noise(n_particles)
         with torch.inference_mode(), _reproducible_kernels(self.net_.device):
             values = [estimate(module, xb, eps)[:n] for xb, n in self._batches(X)]
-        log_det = _stretch_log_det(X, self.offset_, self.scale_, self.stretch_)
+        offset, scale = self._feature_scaling()
+        log_det = _stretch_log_det(X, offset, scale, self.stretch_)
         return torch.cat(values).double().cpu().numpy() + log_det
 
     def _fixed_noise(self, n_particles):
@@ -1536,7 +1646,8 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         scores = -self._log_densities(log_likelihood_bound, X, self.n_score_particles)
         if method == "likelihood_ratio":
             var_floor = (self.min_scale * self.scale_) ** 2
-            scores -= _reference_code_length(X, var_floor)
+            n_channels = self.image_shape_[0] if len(self.image_shape_) == 3 else 1
+            scores -= _reference_code_length(X, var_floor, n_channels)
         return scores
 
     def _typicality(self, X):

@@ -5,6 +5,10 @@ The layer sizes follow from the image shape, so that one architecture serves
 images of scikit-learn's common checks: each of the two convolutions halves a
 dimension (stride 2) while it is at least ``_MIN_SIZE_TO_STRIDE`` pixels and
 keeps it otherwise, and the transposed convolutions undo exactly that.
+
+Images are (H, W), one channel, or (C, H, W): the encoder then reads C input
+channels and the decoder gives each channel its own mean and covariance
+parameters (:class:`~sk_covvae.distributions.IndependentChannels`).
 """
 
 import math
@@ -16,6 +20,7 @@ from sk_covvae.distributions import (
     NEIGHBOURHOODS,
     BandedPrecisionNormal,
     DiagonalPrecisionNormal,
+    IndependentChannels,
     SphericalPrecisionNormal,
     StencilPrecisionNormal,
     constrain_banded_parameters,
@@ -38,6 +43,13 @@ def _downsampling_plan(size: int) -> list[tuple[int, int, int]]:
         plan.append((stride, size, out))
         size = out
     return plan
+
+
+def _split_shape(image_shape):
+    """(C, H, W) of an image shape (H, W) or (C, H, W)."""
+    if len(image_shape) == 2:
+        return (1, *image_shape)
+    return tuple(image_shape)
 
 
 def _conv_transpose(in_channels, out_channels, plan_h, plan_w):
@@ -64,7 +76,7 @@ class Encoder(nn.Module):
 
     Parameters
     ----------
-    image_shape : tuple of int (H, W)
+    image_shape : tuple of int (H, W) or (C, H, W)
     n_components : int
         Size of the latent space.
     channels : tuple of int (c1, c2)
@@ -75,11 +87,11 @@ class Encoder(nn.Module):
 
     def __init__(self, image_shape, n_components, channels, hidden_units):
         super().__init__()
-        H, W = image_shape
+        C, H, W = _split_shape(image_shape)
         plan_h, plan_w = _downsampling_plan(H), _downsampling_plan(W)
         c1, c2 = channels
         self.conv = nn.Sequential(
-            nn.Conv2d(1, c1, 3, stride=(plan_h[0][0], plan_w[0][0]), padding=1),
+            nn.Conv2d(C, c1, 3, stride=(plan_h[0][0], plan_w[0][0]), padding=1),
             nn.ReLU(),
             nn.Conv2d(c1, c2, 3, stride=(plan_h[1][0], plan_w[1][0]), padding=1),
             nn.ReLU(),
@@ -94,7 +106,7 @@ class Encoder(nn.Module):
         self.n_components = n_components
 
     def forward(self, x, dtype=None):
-        """Return the mean and log-variance of q(z|x) for images (N, 1, H, W).
+        """Return the mean and log-variance of q(z|x) for images (N, C, H, W).
 
         ``dtype`` (default: that of the weights) is the dtype of the outputs
         and of the soft clamp of the log-variance; see ``VAEModule.encode``.
@@ -122,11 +134,13 @@ class Decoder(nn.Module):
     unconstrained ``log_diag`` (and, for ``'banded'``, ``right`` and ``down``),
     which :func:`~sk_covvae.distributions.constrain_banded_parameters` maps to
     a well-conditioned precision factor; ``'spherical'`` has no head, only one
-    learned scalar.
+    learned scalar. With C channels, the heads emit these for every channel
+    (output channel ``c * (1 + K) + j`` is parameter ``j`` of channel ``c``)
+    and ``'spherical'`` learns one scalar per channel.
 
     Parameters
     ----------
-    image_shape : tuple of int (H, W)
+    image_shape : tuple of int (H, W) or (C, H, W)
     n_components : int
     covariance : {'spherical', 'diagonal', 'banded'}
     channels : tuple of int (c1, c2)
@@ -165,7 +179,11 @@ class Decoder(nn.Module):
         neighbourhood="cross",
     ):
         super().__init__()
-        H, W = image_shape
+        C, H, W = _split_shape(image_shape)
+        # (H, W) images keep the shapes, parameters and results they always
+        # had; (C, H, W) ones have a channel dimension throughout.
+        self.multichannel = len(image_shape) == 3
+        self.n_channels = C
         plan_h, plan_w = _downsampling_plan(H), _downsampling_plan(W)
         c1, c2 = channels
         h2, w2 = plan_h[1][2], plan_w[1][2]
@@ -176,7 +194,7 @@ class Decoder(nn.Module):
             nn.ReLU(),
             nn.Unflatten(1, (c2, h2, w2)),
         )
-        self.mean_head = _head(c2, c1, 1, plan_h, plan_w)
+        self.mean_head = _head(c2, c1, C, plan_h, plan_w)
         self.covariance = covariance
         self.log_diag_bounds = tuple(log_diag_bounds)
         self.rho = rho
@@ -188,32 +206,51 @@ class Decoder(nn.Module):
         start = math.log(frac / (1.0 - frac))
         # The one learned scale of 'spherical'; for the other covariances the
         # noise model of the mean stage (see ``stage``).
-        self.raw_log_diag = nn.Parameter(torch.tensor(start))
+        self.raw_log_diag = nn.Parameter(
+            torch.full((C,), start) if self.multichannel else torch.tensor(start)
+        )
         if covariance != "spherical":
             n_out = 1
             if covariance == "banded":
                 n_out += len(NEIGHBOURHOODS[neighbourhood])
+            self.n_parameters = n_out
             # Drawn from a copy of the generator, which is left as the
             # spherical model leaves it: with the same seed, the mean stage
             # then trains exactly as the spherical model does.
             with torch.random.fork_rng(devices=[]):
-                self.covariance_head = _head(c2, c1, n_out, plan_h, plan_w)
+                self.covariance_head = _head(c2, c1, C * n_out, plan_h, plan_w)
             last = self.covariance_head[-1]
             with torch.no_grad():
                 last.bias.zero_()
-                last.bias[0] = start
+                last.bias.view(C, n_out)[:, 0] = start
 
     def forward(self, z, dtype=None):
-        """Return the decoder distribution p(x|z), batch (N,), event (H, W).
+        """Return the decoder distribution p(x|z), batch (N,), event the image's.
 
-        ``dtype`` (default: that of the weights) is the dtype of the
-        distribution's parameters; see ``VAEModule.decode``.
+        The event is (H, W), or (C, H, W) for multi-channel images (an
+        :class:`~sk_covvae.distributions.IndependentChannels`). ``dtype``
+        (default: that of the weights) is the dtype of the distribution's
+        parameters; see ``VAEModule.decode``.
         """
+        px = self._channels(z, dtype)
+        return IndependentChannels(px) if self.multichannel else px
+
+    def _raw_covariance(self, h, dtype):
+        """Covariance head outputs, (N, 1 + K, H, W) or (N, C, 1 + K, H, W)."""
+        raw = self.covariance_head(h).to(dtype)
+        if self.multichannel:
+            raw = raw.unflatten(1, (self.n_channels, self.n_parameters))
+        return raw
+
+    def _channels(self, z, dtype):
+        """The decoder distribution with the channel as a batch dimension."""
         weight = self.trunk[0].weight
         h = self.trunk(z.to(weight.dtype))
         # squeeze/unbind rather than indexing: their backward is one view or
         # one stack, where each index would scatter into a zero-filled copy.
-        loc = self.mean_head(h).squeeze(1)
+        loc = self.mean_head(h)
+        if not self.multichannel:
+            loc = loc.squeeze(1)
         dtype = weight.dtype if dtype is None else dtype
         loc = loc.to(dtype)
         if self.stage == "covariance":
@@ -225,11 +262,11 @@ class Decoder(nn.Module):
                 rho=self.rho,
             )
             return SphericalPrecisionNormal(
-                loc, log_diag.expand(loc.shape[0]), validate_args=False
+                loc, log_diag.expand(loc.shape[:-2]), validate_args=False
             )
         if self.neighbourhood != "cross" and self.covariance == "banded":
-            return self._stencil(loc, self.covariance_head(h).to(dtype))
-        raw = self.covariance_head(h).to(dtype).unbind(1)
+            return self._stencil(loc, self._raw_covariance(h, dtype))
+        raw = self._raw_covariance(h, dtype).unbind(-3)
         if self.covariance == "diagonal":
             log_diag, _, _ = constrain_banded_parameters(
                 raw[0], log_diag_bounds=self.log_diag_bounds, rho=self.rho
@@ -243,10 +280,10 @@ class Decoder(nn.Module):
         )
 
     def _stencil(self, loc, raw):
-        """The decoder for a neighbourhood other than the cross: raw (N, 1+K, H, W)."""
+        """Decoder for a neighbourhood other than the cross: raw (..., 1+K, H, W)."""
         log_diag, couplings = constrain_stencil_parameters(
-            raw[:, 0],
-            raw[:, 1:],
+            raw.select(-3, 0),
+            raw.narrow(-3, 1, raw.shape[-3] - 1),
             neighbourhood=self.neighbourhood,
             log_diag_bounds=self.log_diag_bounds,
             rho=self.rho,
@@ -265,11 +302,12 @@ class Decoder(nn.Module):
 class VAEModule(nn.Module):
     """Convolutional VAE with a structured Gaussian decoder.
 
-    Takes flattened images (N, H * W), as scikit-learn passes them.
+    Takes flattened images (N, H * W), or (N, C * H * W) flattened
+    channel-first, as scikit-learn passes them.
 
     Parameters
     ----------
-    image_shape : tuple of int (H, W)
+    image_shape : tuple of int (H, W) or (C, H, W)
     n_components : int
     covariance : {'spherical', 'diagonal', 'banded'}
     channels : tuple of int (c1, c2), default=(16, 32)
@@ -305,7 +343,7 @@ class VAEModule(nn.Module):
         )
 
     def images(self, x):
-        """View flattened images (N, H * W) as (N, H, W)."""
+        """View flattened images (N, D) as (N, H, W) or (N, C, H, W)."""
         return x.reshape(x.shape[0], *self.image_shape)
 
     def encode(self, x, dtype=None):
@@ -313,7 +351,7 @@ class VAEModule(nn.Module):
 
         Parameters
         ----------
-        x : torch.Tensor of shape (N, H * W)
+        x : torch.Tensor of shape (N, D)
         dtype : torch.dtype, optional
             Dtype of the outputs and of the elementwise maps that produce
             them. Vectorised float32 transcendental functions may round the
@@ -322,12 +360,13 @@ class VAEModule(nn.Module):
             makes results independent of batch layout to far below float32
             resolution.
         """
-        return self.encoder(
-            self.images(x)[:, None].to(self.encoder.fc[0].weight.dtype), dtype=dtype
-        )
+        images = self.images(x)
+        if len(self.image_shape) == 2:
+            images = images[:, None]
+        return self.encoder(images.to(self.encoder.fc[0].weight.dtype), dtype=dtype)
 
     def decode(self, z, dtype=None):
-        """Decoder distribution p(x|z) over images (N, H, W).
+        """Decoder distribution p(x|z) over images (N, H, W) or (N, C, H, W).
 
         Parameters
         ----------

@@ -151,7 +151,7 @@ def whitened_residual_sq_norm(module, x_flat, dtype=torch.float64):
     ``CovarianceVAE.decoder_distribution`` builds it: the encoder's float32
     mean, decoder parameters in ``dtype``) whitens the image: under that
     Gaussian, :math:`r = L^\top (x - \mu)` is standard normal, so the result
-    is :math:`\chi^2_D`-distributed, D = H * W.
+    is :math:`\chi^2_D`-distributed, D = H * W (C * H * W for C channels).
 
     Parameters
     ----------
@@ -167,7 +167,7 @@ def whitened_residual_sq_norm(module, x_flat, dtype=torch.float64):
     mu, _ = module.encode(x_flat)
     px = module.decode(mu, dtype=dtype)
     r = px.whiten(module.images(x_flat).to(dtype))
-    return r.pow(2).sum((-2, -1))
+    return r.pow(2).sum(tuple(range(-len(px.event_shape), 0)))
 
 
 class SliceLoader:

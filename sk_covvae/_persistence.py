@@ -87,6 +87,20 @@ def _params_from_json(params):
     return params
 
 
+def _scaling_to_json(value):
+    """A fitted offset or scale: a float, or a list of one float per channel."""
+    if np.ndim(value) == 0:
+        return float(value)
+    return [float(v) for v in np.asarray(value)]
+
+
+def _scaling_from_json(value):
+    """The inverse of ``_scaling_to_json``."""
+    if isinstance(value, list):
+        return np.array([float(v) for v in value], dtype=np.float64)
+    return float(value)
+
+
 def _npy_bytes(array):
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(array), allow_pickle=False)
@@ -113,8 +127,9 @@ def save(estimator, path):
     attributes = {
         "image_shape_": [int(s) for s in estimator.image_shape_],
         "n_features_in_": int(estimator.n_features_in_),
-        "offset_": float(estimator.offset_),
-        "scale_": float(estimator.scale_),
+        # One value, or one per channel for (C, H, W) images.
+        "offset_": _scaling_to_json(estimator.offset_),
+        "scale_": _scaling_to_json(estimator.scale_),
         "stretch_": (None if estimator.stretch_ is None else float(estimator.stretch_)),
         "n_epochs_": int(estimator.n_epochs_),
         "n_active_components_": int(estimator.n_active_components_),
@@ -281,8 +296,8 @@ def load(cls, path, device="cpu"):
     attributes = manifest["attributes"]
     try:
         image_shape = tuple(int(s) for s in attributes["image_shape_"])
-        offset = float(attributes["offset_"])
-        scale = float(attributes["scale_"])
+        offset = _scaling_from_json(attributes["offset_"])
+        scale = _scaling_from_json(attributes["scale_"])
         stretch = attributes["stretch_"]
         stretch = None if stretch is None else float(stretch)
         n_features_in = int(attributes["n_features_in_"])
@@ -292,11 +307,18 @@ def load(cls, path, device="cpu"):
         names = attributes.get("feature_names_in_")
     except (KeyError, TypeError, ValueError) as exc:
         raise _bad(shown, f"its fitted attributes are incomplete ({exc!r}).") from exc
-    if len(image_shape) != 2 or math.prod(image_shape) != n_features_in:
+    n_scales = image_shape[0] if len(image_shape) == 3 else None
+    if (
+        len(image_shape) not in (2, 3)
+        or math.prod(image_shape) != n_features_in
+        or np.shape(offset) != np.shape(scale)
+        or np.shape(scale) != (() if n_scales is None else (n_scales,))
+    ):
         raise _bad(
             shown,
-            f"image_shape_={image_shape} does not hold n_features_in_="
-            f"{n_features_in} pixels.",
+            f"image_shape_={image_shape} does not match n_features_in_="
+            f"{n_features_in} and one offset_/scale_ per channel "
+            f"(offset_={offset!r}, scale_={scale!r}).",
         )
 
     for name, value in arrays.items():

@@ -90,6 +90,10 @@ class StampPreprocessor(TransformerMixin, BaseEstimator):
     5. normalised (``normalize``),
     6. filled: every non-finite pixel becomes ``fill_value``.
 
+    Before step 3, pixels (of images and variance planes) whose absolute
+    value exceeds ``max_abs`` count as missing, like NaN: ZTF templates
+    mark bad pixels with the largest float32, 3.4e38.
+
     Medians, norms and deviations are computed per stamp and channel over its
     finite pixels. Output rows are the processed stamps of shape
     ``output_image_shape_ = (C_out, h, w)``, flattened channel first: the
@@ -113,6 +117,9 @@ class StampPreprocessor(TransformerMixin, BaseEstimator):
         output.
     fill_value : float, default=0.0
         Value of the pixels that are not finite after the other steps.
+    max_abs : float or None, default=1e30
+        Pixels whose absolute value is larger are missing values (filled
+        and counted by :meth:`n_filled`); None keeps every finite value.
     background : {'none', 'median'}, default='none'
         ``'median'``: subtract each stamp-channel's median (of its finite
         pixels).
@@ -165,6 +172,7 @@ class StampPreprocessor(TransformerMixin, BaseEstimator):
         "channels": ["array-like", None],
         "variance_channels": ["array-like", None],
         "fill_value": [Interval(numbers.Real, None, None, closed="neither")],
+        "max_abs": [Interval(numbers.Real, 0, None, closed="neither"), None],
         "background": [StrOptions({"none", "median"})],
         "normalize": [StrOptions({"none", "l2", "robust"})],
     }
@@ -177,6 +185,7 @@ class StampPreprocessor(TransformerMixin, BaseEstimator):
         channels=None,
         variance_channels=None,
         fill_value=0.0,
+        max_abs=1e30,
         background="none",
         normalize="none",
     ):
@@ -185,6 +194,7 @@ class StampPreprocessor(TransformerMixin, BaseEstimator):
         self.channels = channels
         self.variance_channels = variance_channels
         self.fill_value = fill_value
+        self.max_abs = max_abs
         self.background = background
         self.normalize = normalize
 
@@ -301,10 +311,11 @@ class StampPreprocessor(TransformerMixin, BaseEstimator):
         geo = self._geometry(X.shape[1])
         stamps = X.reshape(-1, *geo.shape)[:, :, geo.rows, geo.cols]
         # np.take copies: the steps below work in place without touching X
-        Z = np.take(stamps, geo.images, axis=1)
+        Z = _without_sentinels(np.take(stamps, geo.images, axis=1), self.max_abs)
         with np.errstate(divide="ignore", invalid="ignore"):
             if geo.variances is not None:
-                Z /= np.sqrt(np.take(stamps, geo.variances, axis=1))
+                V = np.take(stamps, geo.variances, axis=1)
+                Z /= np.sqrt(_without_sentinels(V, self.max_abs))
             if self.background == "median":
                 Z -= _finite_median(Z)
             if self.normalize == "l2":
@@ -407,6 +418,13 @@ class StampPreprocessor(TransformerMixin, BaseEstimator):
             [f"ch{a}_y{b}_x{d}" for a, b, d in zip(c.ravel(), y.ravel(), x.ravel())],
             dtype=object,
         )
+
+
+def _without_sentinels(Z, max_abs):
+    """``Z`` (a copy, changed in place) with pixels beyond ``max_abs`` as NaN."""
+    if max_abs is not None:
+        Z[np.abs(Z) > max_abs] = np.nan
+    return Z
 
 
 def _finite_median(Z):

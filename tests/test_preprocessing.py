@@ -59,6 +59,26 @@ def test_default_is_identity_but_fill(stamps):
     np.testing.assert_array_equal(pre.n_filled(flat(stamps)), [1, 1, 30, 0])
 
 
+def test_sentinel_values_count_as_missing(stamps):
+    stamps = stamps.copy()
+    stamps[3, 1, 4, 4] = np.finfo(np.float32).max  # ZTF's bad-pixel mark
+    stamps[3, 0, 1, 1] = -1e31
+    pre = StampPreprocessor((3, 6, 5), background="median")
+    out = pre.fit_transform(flat(stamps)).reshape(stamps.shape)
+    np.testing.assert_array_equal(pre.n_filled(flat(stamps)), [1, 1, 30, 2])
+    assert out[3, 1, 4, 4] == 0.0 and out[3, 0, 1, 1] == 0.0
+    # the median of the other pixels, not of the sentinels
+    kept = np.delete(stamps[3, 1].ravel(), 4 * 5 + 4)
+    assert out[3, 1, 0, 0] == pytest.approx(stamps[3, 1, 0, 0] - np.median(kept))
+    everything = StampPreprocessor((3, 6, 5), max_abs=None)
+    np.testing.assert_array_equal(everything.n_filled(flat(stamps)), [1, 1, 30, 0])
+    variance = np.abs(stamps[:, :1]).copy()
+    variance[0, 0, 3, 3] = 3e38
+    with_var = np.concatenate([stamps[:, :1], variance], axis=1)
+    pre = StampPreprocessor((2, 6, 5), variance_channels=[1])
+    assert pre.n_filled(flat(with_var))[0] == 2
+
+
 def test_crop_channels_and_shapes(stamps):
     pre = StampPreprocessor((3, 6, 5), crop=(3, 2), channels=[2, 0])
     out = pre.fit_transform(flat(stamps))
@@ -278,6 +298,11 @@ def test_pipeline_on_real_ztf_triplets(ztf_triplets):
     assert X.shape == (1673, 3 * 63 * 63) and X.dtype == np.float32
     full = StampPreprocessor((3, 63, 63))
     assert (full.n_filled(X) > 0).sum() == 212  # as the data README says
+    # 8 templates mark bad pixels with 3.4e38 (in stamps that have NaN too)
+    sentinels = np.abs(np.nan_to_num(X)) > 1e30
+    assert sentinels.any(1).sum() == 8
+    kept = StampPreprocessor((3, 63, 63), max_abs=None).n_filled(X)
+    np.testing.assert_array_equal(full.n_filled(X) - kept, sentinels.sum(1))
     pipe = Pipeline(
         [
             ("stamps", StampPreprocessor((3, 63, 63), crop=(21, 21), normalize="l2")),
