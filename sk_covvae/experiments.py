@@ -54,13 +54,16 @@ __all__ = [
     "bits_per_dim",
     "central_flux",
     "dequantize",
+    "grouped_split",
     "evaluate_anomaly",
     "evaluate_baselines",
+    "evaluate_channels",
     "evaluate_density",
     "evaluate_features",
     "evaluate_latents",
     "fit_with_early_stopping",
     "load_dataset",
+    "load_ztf",
     "run_comparison",
     "stratified_split",
     "summarize",
@@ -86,7 +89,21 @@ PROTOCOL_DEFAULTS = {
         "max_epochs": 10,
         "batch_size": 64,
     },
+    # Real ZTF triplets (all labelled ones), 21x21 crops.
+    "ztf": {
+        "n_samples": None,
+        "n_components": (10,),
+        "max_epochs": 100,
+        "batch_size": 32,
+    },
 }
+#: ZTF's deep real/bogus score at and above which a detection counts as
+#: real, and the one above which it counts as surely real (the training set
+#: of the anomaly models).
+ZTF_REAL_DRB = 0.5
+ZTF_SURE_DRB = 0.9
+#: Channels of a ZTF triplet, in the order of the alert packets.
+ZTF_CHANNELS = ("science", "template", "difference")
 # Trees of every random forest (features and baselines alike).
 _N_TREES = 200
 # Points of each ROC curve kept for the figures (the JSON stays small).
@@ -98,22 +115,27 @@ def _silent(message):
 
 
 # ----------------------------------------------------------------------- data
-def load_dataset(name, *, n_samples=None, random_state=0):
+def load_dataset(name, *, n_samples=None, random_state=0, **options):
     """Load one of the comparison's data sets as a plain dictionary.
 
     Parameters
     ----------
-    name : {'stamps', 'fashion-mnist'}
+    name : {'stamps', 'fashion-mnist', 'ztf'}
         ``'stamps'``: simulated 21x21 difference stamps,
         :func:`~sk_covvae.datasets.make_difference_stamps` with half real,
         half bogus, pixels in units of the background noise.
         ``'fashion-mnist'``: the 70,000 Fashion-MNIST images in [0, 1].
+        ``'ztf'``: real ZTF alert triplets from ``path`` (see
+        :func:`load_ztf`).
     n_samples : int or None, default=None
         Stamps to simulate, or Fashion-MNIST images to draw at random
         without replacement, stratified by class (``None``: the data set's
-        entry in :data:`PROTOCOL_DEFAULTS`).
+        entry in :data:`PROTOCOL_DEFAULTS`; all ZTF triplets).
     random_state : int, default=0
         Seed of the simulation or of the subsample.
+    **options
+        For ``'ztf'``: ``path``, ``channels`` and ``crop`` of
+        :func:`load_ztf`.
 
     Returns
     -------
@@ -121,7 +143,10 @@ def load_dataset(name, *, n_samples=None, random_state=0):
         ``name``, ``X`` (float32, (n, D)), ``y`` (int labels), ``image_shape``,
         ``target_names``, ``quantized`` (True when the pixels are 8-bit
         levels divided by 255, so bits/dim on dequantized data apply),
-        ``artefact_type`` (stamps only, else None) and ``description``.
+        ``artefact_type`` (stamps only, else None) and ``description``;
+        real survey data add ``groups`` (object ids: a split keeps an
+        object's detections together) and ``normal`` (the images the anomaly
+        models are fitted on).
     """
     from sk_covvae import datasets
 
@@ -129,6 +154,10 @@ def load_dataset(name, *, n_samples=None, random_state=0):
         raise ValueError(
             f"Unknown dataset {name!r}; choose one of {sorted(PROTOCOL_DEFAULTS)}."
         )
+    if name == "ztf":
+        return load_ztf(n_samples=n_samples, random_state=random_state, **options)
+    if options:
+        raise TypeError(f"Unexpected options for {name!r}: {sorted(options)}.")
     if n_samples is None:
         n_samples = PROTOCOL_DEFAULTS[name]["n_samples"]
     if name == "stamps":
@@ -177,6 +206,166 @@ def load_dataset(name, *, n_samples=None, random_state=0):
                 )
             ),
         }
+
+
+def load_ztf(path, *, channels="all", crop=21, n_samples=None, random_state=0):
+    """Real ZTF alert triplets, labelled by the survey's deep real/bogus score.
+
+    Parameters
+    ----------
+    path : path-like
+        A ``.npz`` file of triplets like the shared data's
+        ``ztf_triplets/ztf_triplets.npz`` (``X`` of shape (n, 3, H, W) and
+        per-detection ``objectId``, ``drb``, ``rb``), or alert files or a
+        folder of them, read by :func:`~sk_covvae.datasets.read_alerts`.
+    channels : {'all', 'difference'}, default='all'
+        Science, template and difference, or the difference alone.
+    crop : int, default=21
+        Side of the centred square kept.
+    n_samples : int or None, default=None
+        Labelled detections to draw at random (``None``: all).
+    random_state : int, default=0
+        Seed of that draw.
+
+    Returns
+    -------
+    data : dict
+        As :func:`load_dataset`'s. Only detections with a ``drb`` score are
+        kept; ``y`` is 1 (real) where ``drb >= 0.5`` and 0 (bogus)
+        otherwise, ``y_rb`` the same split of the older ``rb`` score,
+        ``normal`` marks ``drb >= 0.9``, ``groups`` holds the object ids and
+        ``counts`` the numbers behind the labels. Missing pixels (CCD edges;
+        templates' 3.4e38 marks) are filled with 0 by
+        :class:`~sk_covvae.preprocessing.StampPreprocessor`, whose counts
+        are in ``n_filled``.
+
+    Notes
+    -----
+    The labels are the survey's own scores, not human vetting: ``drb`` is a
+    CNN run on these very stamps (Duev et al. 2019).
+    """
+    from pathlib import Path
+
+    from sk_covvae.preprocessing import StampPreprocessor
+
+    if channels not in ("all", "difference"):
+        raise ValueError(f"channels must be 'all' or 'difference', got {channels!r}.")
+    source = Path(path)
+    if source.suffix == ".npz":
+        with np.load(source) as f:
+            images = f["X"]
+            drb, rb = f["drb"].astype(np.float64), f["rb"].astype(np.float64)
+            objects = f["objectId"].astype(str)
+    else:
+        from sk_covvae.datasets import read_alerts
+
+        alerts = read_alerts(source)
+        images = alerts.images
+        frame = alerts.frame
+        drb = frame["drb"].to_numpy(np.float64)
+        rb = frame["rb"].to_numpy(np.float64)
+        objects = frame["object_id"].astype(str).to_numpy()
+    n_all = len(images)
+    keep = np.flatnonzero(np.isfinite(drb))
+    if n_samples is not None and n_samples < len(keep):
+        rng = check_random_state(random_state)
+        keep = np.sort(rng.choice(keep, int(n_samples), replace=False))
+    images, drb, rb, objects = images[keep], drb[keep], rb[keep], objects[keep]
+    n, C, H, W = images.shape
+    kept = [0, 1, 2] if channels == "all" else [2]
+    pre = StampPreprocessor((C, H, W), crop=(crop, crop), channels=kept)
+    flat = images.reshape(n, -1)
+    X = pre.fit_transform(flat).astype(np.float32)
+    y = (drb >= ZTF_REAL_DRB).astype(int)
+    counts = {
+        "detections": int(n_all),
+        "with_drb": int(len(keep)),
+        "real": int(y.sum()),
+        "bogus": int((y == 0).sum()),
+        "sure_real": int((drb >= ZTF_SURE_DRB).sum()),
+        "objects": int(len(np.unique(objects))),
+        "rb_real": int((rb >= ZTF_REAL_DRB).sum()),
+        "rb_drb_disagree": int(((rb >= ZTF_REAL_DRB) != (y == 1)).sum()),
+        "with_filled_pixels": int((pre.n_filled(flat) > 0).sum()),
+    }
+    names = [ZTF_CHANNELS[c] for c in kept]
+    return {
+        "name": "ztf",
+        "X": X,
+        "y": y,
+        "y_rb": (rb >= ZTF_REAL_DRB).astype(int),
+        "drb": drb,
+        "groups": objects,
+        "normal": drb >= ZTF_SURE_DRB,
+        "image_shape": pre.output_image_shape_,
+        "channel_names": names,
+        "target_names": ["bogus", "real"],
+        "quantized": False,
+        "artefact_type": None,
+        "counts": counts,
+        "description": (
+            f"{len(y)} real ZTF detections with a drb score ({counts['real']} "
+            f"real at drb >= {ZTF_REAL_DRB}, {counts['bogus']} bogus; "
+            f"{counts['objects']} objects), {crop}x{crop} crops of the "
+            f"{' + '.join(names)} channel{'s' if len(names) > 1 else ''}"
+        ),
+    }
+
+
+def grouped_split(y, groups, *, fractions=SPLIT_FRACTIONS, random_state=None):
+    """Train / validation / test indices that keep each group in one part.
+
+    Like :func:`stratified_split`, for data whose rows come in groups (the
+    detections of one astronomical object): whole groups are drawn, so the
+    shares hold for groups, not exactly for rows, and the classes are not
+    stratified.
+
+    Parameters
+    ----------
+    y : array-like of shape (n_samples,)
+        Labels; only their number is used.
+    groups : array-like of shape (n_samples,)
+    fractions : tuple of float, default=(0.6, 0.25, 0.15)
+    random_state : int, RandomState instance or None, default=None
+
+    Returns
+    -------
+    split : dict
+        ``'train'``, ``'validation'``, ``'test'``: sorted, disjoint indices.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> groups = np.repeat(np.arange(50), 2)
+    >>> split = grouped_split(np.zeros(100), groups, random_state=0)
+    >>> [len(split[k]) for k in ("train", "validation", "test")]
+    [60, 26, 14]
+    >>> set(groups[split["train"]]) & set(groups[split["test"]])
+    set()
+    """
+    from sklearn.model_selection import GroupShuffleSplit
+
+    groups = np.asarray(groups)
+    if len(groups) != len(y):
+        raise ValueError(f"groups has {len(groups)} rows, y has {len(y)}.")
+    fractions = tuple(float(f) for f in fractions)
+    rng = check_random_state(random_state)
+    index = np.arange(len(groups))
+    first = GroupShuffleSplit(
+        1, test_size=fractions[2], random_state=rng.randint(2**31 - 1)
+    )
+    rest, test = next(first.split(index, groups=groups))
+    second = GroupShuffleSplit(
+        1,
+        test_size=fractions[1] / (fractions[0] + fractions[1]),
+        random_state=rng.randint(2**31 - 1),
+    )
+    train, valid = next(second.split(rest, groups=groups[rest]))
+    return {
+        "train": np.sort(rest[train]),
+        "validation": np.sort(rest[valid]),
+        "test": np.sort(test),
+    }
 
 
 def stratified_split(y, *, fractions=SPLIT_FRACTIONS, random_state=None):
@@ -388,7 +577,8 @@ def _history_in_data_units(model, X):
     map at the image, so the mean of the training (validation) images' terms
     is added to the training (validation) loss.
     """
-    log_det = _stretch_log_det(X, model.offset_, model.scale_, model.stretch_)
+    offset, scale = model._feature_scaling()
+    log_det = _stretch_log_det(X, offset, scale, model.stretch_)
     train, valid = model.net_.get_split_datasets(X)
     shift = {
         "train_loss": -log_det[np.asarray(train.indices)].mean(),
@@ -458,10 +648,12 @@ def evaluate_density(model, X_test, *, quantized=False, random_state=0):
 def central_flux(X, image_shape, *, half_width=2):
     """Sum of the central ``(2 * half_width + 1)`` square pixels of each image.
 
-    On stamps centred on a candidate, the flux of the source.
+    On stamps centred on a candidate, the flux of the source. For images
+    of several channels, (C, H, W), that of the last channel (the difference
+    image of a survey triplet).
     """
-    H, W = image_shape
-    images = np.asarray(X, dtype=np.float64).reshape(len(X), H, W)
+    H, W = image_shape[-2:]
+    images = np.asarray(X, dtype=np.float64).reshape(len(X), -1, H, W)[:, -1]
     r, c = H // 2, W // 2
     h = half_width
     return images[:, max(r - h, 0) : r + h + 1, max(c - h, 0) : c + h + 1].sum((1, 2))
@@ -478,7 +670,7 @@ def evaluate_latents(model, X_test, image_shape):
     ----------
     model : CovarianceVAE
     X_test : ndarray of shape (n, D)
-    image_shape : tuple of int (H, W)
+    image_shape : tuple of int (H, W) or (C, H, W)
 
     Returns
     -------
@@ -543,6 +735,114 @@ def evaluate_features(model, X_train, y_train, X_test, y_test, *, random_state=0
     return _forest_scores(
         model.transform(X_train), y_train, model.transform(X_test), y_test, random_state
     )
+
+
+def evaluate_features_with_summaries(
+    model, X_train, y_train, X_test, y_test, *, random_state=0
+):
+    """RandomForest on the latent means plus two per-image summaries.
+
+    The summaries come free with the model: the ELBO
+    (:meth:`~CovarianceVAE.score_samples`) and the mean squared error of
+    the decoder mean, both per image.
+
+    Returns
+    -------
+    metrics : dict
+        ``rf_plus_roc_auc`` and ``rf_plus_accuracy``.
+    """
+
+    def features(X):
+        mean = model.inverse_transform(model.transform(X))
+        mse = np.mean((np.asarray(mean, np.float64) - X) ** 2, axis=1)
+        return np.column_stack(
+            [model.transform(X), model.score_samples(X), np.log(mse + 1e-300)]
+        )
+
+    got = _forest_scores(
+        features(X_train), y_train, features(X_test), y_test, random_state
+    )
+    return {
+        "rf_plus_roc_auc": got["rf_roc_auc"],
+        "rf_plus_accuracy": got["rf_accuracy"],
+    }
+
+
+def _lag1(r, axis):
+    """Pearson correlation of neighbours along ``axis`` (-1: x, -2: y), pooled."""
+    a = np.moveaxis(r, axis, -1)
+    left, right = a[..., :-1].ravel(), a[..., 1:].ravel()
+    return float(np.corrcoef(left, right)[0, 1])
+
+
+def evaluate_channels(model, X_test, *, n_covariance=8, channel_names=None):
+    """Per-channel density and neighbour correlation, learned and measured.
+
+    At the posterior mean of each test image, in the model's units
+    (standardized and stretched, :meth:`~CovarianceVAE.decoder_distribution`):
+
+    * ``ch:<name>:nll_per_pixel``: minus the channel's log-density per
+      pixel, in data units (the channel's share of the Jacobian included),
+      mean over images;
+    * ``ch:<name>:measured_corr_x`` / ``_y``: lag-1 correlation of the
+      residual ``y - mean`` between horizontal / vertical neighbours, pooled
+      over images and pixels;
+    * ``ch:<name>:learned_corr_x`` / ``_y``: the same correlation under the
+      decoder's covariance, median over neighbour pairs of the first
+      ``n_covariance`` images (0 for the spherical and diagonal decoders,
+      by construction).
+
+    Parameters
+    ----------
+    model : CovarianceVAE
+    X_test : ndarray of shape (n, D)
+    n_covariance : int, default=8
+    channel_names : list of str or None, default=None
+
+    Returns
+    -------
+    metrics : dict of str to float
+    """
+    import torch
+
+    shape = tuple(model.image_shape_)
+    C, H, W = (1, *shape) if len(shape) == 2 else shape
+    names = channel_names or [str(c) for c in range(C)]
+    X = np.asarray(X_test)
+    px = model.decoder_distribution(X)
+    base = getattr(px, "base", px)
+    loc = base.loc.reshape(len(X), C, H, W)
+    offset, scale = model._feature_scaling()
+    u = (X.astype(np.float64) - offset) / scale
+    a = model.stretch_
+    y = u if a is None else a * np.arcsinh(u / a)
+    yt = torch.as_tensor(y.reshape(loc.shape), dtype=loc.dtype, device=loc.device)
+    with torch.no_grad():
+        log_p = base.log_prob(yt.reshape(base.loc.shape), sum_dtype=torch.float64)
+    log_p = log_p.reshape(len(X), C).cpu().numpy()
+    # The Jacobian of the data map, channel by channel.
+    jac = -np.log(np.broadcast_to(scale, u.shape[1:])).reshape(C, -1).sum(1)
+    if a is not None:
+        jac = jac - 0.5 * np.log1p((u / a) ** 2).reshape(len(X), C, -1).sum(2)
+    nll = -(log_p + jac) / (H * W)
+    residual = y.reshape(len(X), C, H, W) - loc.cpu().numpy()
+    out = {}
+    m = min(n_covariance, len(X))
+    cov = base.covariance_matrix[:m].reshape(m, C, H * W, H * W).cpu().numpy()
+    sd = np.sqrt(np.diagonal(cov, axis1=-2, axis2=-1))
+    idx = np.arange(H * W).reshape(H, W)
+    pairs = {
+        "x": (idx[:, :-1].ravel(), idx[:, 1:].ravel()),
+        "y": (idx[:-1, :].ravel(), idx[1:, :].ravel()),
+    }
+    for c, name in enumerate(names):
+        out[f"ch:{name}:nll_per_pixel"] = float(np.mean(nll[:, c]))
+        out[f"ch:{name}:measured_corr_x"] = _lag1(residual[:, c], -1)
+        out[f"ch:{name}:measured_corr_y"] = _lag1(residual[:, c], -2)
+        for axis, (i, j) in pairs.items():
+            corr = cov[:, c, i, j] / (sd[:, c, i] * sd[:, c, j])
+            out[f"ch:{name}:learned_corr_{axis}"] = float(np.median(corr))
+    return out
 
 
 def evaluate_baselines(
@@ -653,8 +953,9 @@ def run_comparison(
         RandomForest on latent features and the baselines; ``None``: when
         the data have labels with two classes (stamps).
     anomaly : bool or None, default=None
-        Anomaly detection with models fitted on real stamps; ``None``: when
-        ``data['artefact_type']`` is given (stamps).
+        Anomaly detection with models fitted on real stamps (on
+        ``data['normal']`` when given); ``None``: when
+        ``data['artefact_type']`` or ``data['normal']`` is given.
     n_jobs : int or None, default=None
         Seeds run in parallel by :class:`joblib.Parallel` (each seed's fits
         in one worker process, whose threads joblib limits so that the
@@ -693,7 +994,7 @@ def run_comparison(
     if features is None:
         features = len(np.unique(y)) == 2
     if anomaly is None:
-        anomaly = data.get("artefact_type") is not None
+        anomaly = data.get("artefact_type") is not None or "normal" in data
     fit = dict(max_epochs=max_epochs, patience=patience, log=log, **params)
     jobs = (
         delayed(_run_seed)(
@@ -722,7 +1023,10 @@ def _run_seed(data, seed, n_components, covariances, features, anomaly, fit):
     """Everything :func:`run_comparison` does for one seed."""
     X, y = np.asarray(data["X"]), np.asarray(data["y"])
     log = fit["log"]
-    split = stratified_split(y, random_state=seed)
+    if data.get("groups") is not None:
+        split = grouped_split(y, data["groups"], random_state=seed)
+    else:
+        split = stratified_split(y, random_state=seed)
     runs, baselines, models = [], [], {}
     for k in n_components:
         if features:
@@ -779,10 +1083,18 @@ def _fit_and_evaluate(data, split, cov, k, seed, *, features, **fit):
         evaluate_density(model, X[te], quantized=data["quantized"], random_state=seed)
     )
     run.update(evaluate_latents(model, X[te], tuple(data["image_shape"])))
+    if data.get("channel_names") is not None:
+        run.update(evaluate_channels(model, X[te], channel_names=data["channel_names"]))
     if features:
         run.update(
             evaluate_features(model, X[tr], y[tr], X[te], y[te], random_state=seed)
         )
+        if data.get("groups") is not None:  # real survey data
+            run.update(
+                evaluate_features_with_summaries(
+                    model, X[tr], y[tr], X[te], y[te], random_state=seed
+                )
+            )
     return model, run
 
 
@@ -792,17 +1104,21 @@ def _anomaly_run(data, split, cov, k, seed, **fit):
 
     X, y = np.asarray(data["X"]), np.asarray(data["y"])
     real = y == REAL_LABEL
+    # What the model learns as normal: the real images, or a surer subset
+    # of them (ZTF: drb >= 0.9); anomalies are the bogus test images.
+    normal = np.asarray(data["normal"]) if "normal" in data else real
     tr, va, te = (split[name] for name in ("train", "validation", "test"))
     model, info = fit_with_early_stopping(
-        X[tr[real[tr]]],
-        X[va[real[va]]],
+        X[tr[normal[tr]]],
+        X[va[normal[va]]],
         covariance=cov,
         n_components=k,
         random_state=seed,
-        tag=f"[{cov} K={k} seed={seed}][real-only]",
+        tag=f"[{cov} K={k} seed={seed}][normal-only]",
         **fit,
     )
-    groups = np.asarray(data["artefact_type"])[te]
+    types = data.get("artefact_type")
+    groups = None if types is None else np.asarray(types)[te]
     return {
         "anomaly_epochs": info["epochs"],
         "anomaly_fit_time_s": info["fit_time_s"],
@@ -841,6 +1157,8 @@ _SUMMARY_KEYS = (
     "anomaly_n_active",
     "rf_roc_auc",
     "rf_accuracy",
+    "rf_plus_roc_auc",
+    "rf_plus_accuracy",
     "anomaly_auroc",
     "epochs",
     "best_epoch",
@@ -883,7 +1201,8 @@ def summarize(runs, baselines=()):
         groups.setdefault((run["method"], run["n_components"]), []).append(run)
     for (method, k), members in groups.items():
         row = {"method": method, "n_components": k}
-        for key in _SUMMARY_KEYS:
+        channel_keys = sorted({k for m in members for k in m if k.startswith("ch:")})
+        for key in (*_SUMMARY_KEYS, *channel_keys):
             if any(key in m for m in members):
                 row[key] = _mean_std([m.get(key) for m in members])
         if any("anomaly_auroc_by_type" in m for m in members):

@@ -60,7 +60,9 @@ def plot_reconstructions(models, X, *, image_shape, n_images=8, random_state=0):
         Fitted models by name, e.g. ``{'banded': model}``.
     X : ndarray of shape (n, D)
         Images; the first ``n_images`` are shown.
-    image_shape : tuple of int (H, W)
+    image_shape : tuple of int (H, W) or (C, H, W)
+        With C channels, each image takes C columns (one per channel) and
+        ``n_images // C`` images are shown (at least one).
     n_images : int, default=8
     random_state : int, default=0
         Seed of the sample noise.
@@ -69,7 +71,9 @@ def plot_reconstructions(models, X, *, image_shape, n_images=8, random_state=0):
     -------
     matplotlib.figure.Figure
     """
-    X = np.asarray(X, dtype=np.float64)[:n_images]
+    shape = tuple(image_shape)
+    C, H, W = (1, *shape) if len(shape) == 2 else shape
+    X = np.asarray(X, dtype=np.float64)[: max(1, n_images // C)]
     n = len(X)
     rows = [("data", X)]
     generator = torch.Generator().manual_seed(int(random_state))
@@ -79,23 +83,30 @@ def plot_reconstructions(models, X, *, image_shape, n_images=8, random_state=0):
         sample = px.reparameterize(eps.to(px.loc.device)).reshape(n, -1)
         rows.append((f"{name}\nmean", model.to_data_units(px.loc.reshape(n, -1))))
         rows.append((f"{name}\nsample", model.to_data_units(sample)))
-    fig = _figure((1.1 * n + 0.8, 1.1 * len(rows)))
-    axes = fig.subplots(len(rows), n, squeeze=False)
+    fig = _figure((1.1 * n * C + 0.8, 1.1 * len(rows)))
+    axes = fig.subplots(len(rows), n * C, squeeze=False)
     for j in range(n):
-        low, high = np.percentile(X[j], [0.5, 99.5])
-        if high <= low:
-            low, high = low - 1, high + 1
-        for i, (label, images) in enumerate(rows):
-            ax = axes[i, j]
-            ax.imshow(images[j].reshape(image_shape), cmap="gray", vmin=low, vmax=high)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(label, fontsize=8)
+        for c in range(C):
+            col = j * C + c
+            data = X[j].reshape(C, H, W)[c]
+            low, high = np.percentile(data, [0.5, 99.5])
+            if high <= low:
+                low, high = low - 1, high + 1
+            for i, (label, images) in enumerate(rows):
+                ax = axes[i, col]
+                ax.imshow(
+                    images[j].reshape(C, H, W)[c], cmap="gray", vmin=low, vmax=high
+                )
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if col == 0:
+                    ax.set_ylabel(label, fontsize=8)
+                if i == 0 and C > 1:
+                    ax.set_title(f"channel {c}", fontsize=7)
     return fig
 
 
-def plot_precision_covariance(models, x, *, image_shape, crop=None):
+def plot_precision_covariance(models, x, *, image_shape, crop=None, channel=-1):
     """Precision and covariance matrices of p(x|z) for one image (Fig. 5).
 
     For each model: the precision matrix of the decoder's Gaussian, the
@@ -113,25 +124,32 @@ def plot_precision_covariance(models, x, *, image_shape, crop=None):
     models : dict of str to CovarianceVAE
     x : ndarray of shape (D,)
         One image; z is its posterior mean.
-    image_shape : tuple of int (H, W)
+    image_shape : tuple of int (H, W) or (C, H, W)
     crop : int or None, default=None
         Pixels shown of the D x D matrices; ``None``: three image rows, so
         the bands are visible.
+    channel : int, default=-1
+        For (C, H, W) images, the channel shown (its block of the
+        block-diagonal matrices); the last by default (a survey triplet's
+        difference image).
 
     Returns
     -------
     matplotlib.figure.Figure
     """
-    H, W = image_shape
+    shape = tuple(image_shape)
+    C, H, W = (1, *shape) if len(shape) == 2 else shape
+    block = slice((channel % C) * H * W, (channel % C + 1) * H * W)
     crop = 3 * W if crop is None else int(crop)
     fig = _figure((9, 2.8 * len(models)))
     axes = fig.subplots(len(models), 3, squeeze=False)
     centre = (H // 2) * W + W // 2
     for row, (name, model) in zip(axes, models.items()):
         x1 = np.asarray(x)[None]
-        cov = model.decoder_moments(x1)[1][0]
+        cov = model.decoder_moments(x1)[1][0][block, block]
         prec = model.decoder_distribution(x1).precision_matrix[0].cpu().numpy()
-        prec = prec / model.scale_**2
+        scale = np.atleast_1d(model.scale_)[channel % C if C > 1 else 0]
+        prec = prec[block, block] / scale**2
         units = "" if model.stretch_ is None else " (model units)"
         sd = np.sqrt(np.diag(cov))
         corr = (cov[centre] / (sd[centre] * sd)).reshape(H, W)

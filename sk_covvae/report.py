@@ -141,12 +141,23 @@ def redraw(out, *, log=print):
     saved = joblib.load(out / "models.joblib")
     config = document["config"]
     data = experiments.load_dataset(
-        config["dataset"], n_samples=config["n_samples"], random_state=0
+        config["dataset"],
+        n_samples=None if config["dataset"] == "ztf" else config["n_samples"],
+        random_state=0,
+        **_data_options(config),
     )
     test_index = {int(k): v for k, v in saved["test_index"].items()}
     written = write_figures(out, document, data, saved["models"], test_index, log)
     (out / "report.md").write_text(render_report(document, written))
     log(f"wrote {out / 'report.md'}")
+
+
+def _data_options(config):
+    """``load_dataset``'s options recorded by ``covvae compare`` (all str)."""
+    options = dict(config.get("data_options", {}))
+    if "crop" in options:
+        options["crop"] = int(options["crop"])
+    return options
 
 
 def write_figures(out, document, data, models, test_index, log=print):
@@ -228,12 +239,13 @@ def _table(rows, columns):
 
 def _header(document):
     config, hw, runs = document["config"], document["hardware"], document["runs"]
+    kind = "grouped by object" if config["dataset"] == "ztf" else "stratified"
     return [
         f"# covvae compare: {config['dataset']}",
         "",
         f"Command: `{config['command']}`",
         "",
-        f"Data: {config['description']}; stratified split "
+        f"Data: {config['description']}; {kind} split "
         f"{config['split_sizes']} (fractions {config['split_fractions']}). Models "
         "fitted on train + validation, with early stopping on a hold-out of the "
         f"validation part's size (patience {config['patience']}, at most "
@@ -319,34 +331,86 @@ def _density_section(document, spread):
 
 
 def _features_section(summary, spread):
+    columns = [
+        ("features", "method", ".0f"),
+        ("K", "n_components", ".0f"),
+        ("ROC AUC", "rf_roc_auc", ".4f"),
+        ("accuracy", "rf_accuracy", ".4f"),
+    ]
+    extra = []
+    if any("rf_plus_roc_auc" in r for r in summary):
+        columns.append(("ROC AUC, latents + ELBO + MSE", "rf_plus_roc_auc", ".4f"))
+        extra = [
+            "",
+            "*Latents + ELBO + MSE*: the same forest on the latent means and "
+            "two per-stamp summaries the model gives for free, its ELBO and the "
+            "log mean squared error of its decoder mean.",
+        ]
     return [
         "",
         "## Real/bogus RandomForest on features" + spread,
         "",
         "RandomForestClassifier (200 trees) fitted on the train split's "
         "features, scored on the test split.",
+        *extra,
+        "",
+        _table([r for r in summary if "rf_roc_auc" in r], columns),
+    ]
+
+
+def _channels_section(summary, spread):
+    """Per-channel density and neighbour correlation (multi-channel data)."""
+    rows = [r for r in summary if any(k.startswith("ch:") for k in r)]
+    names = list(
+        dict.fromkeys(k.split(":")[1] for r in rows for k in r if k.startswith("ch:"))
+    )
+    table_rows = []
+    for r in rows:
+        for name in names:
+            row = {"method": r["method"], "channel": name}
+            for key, value in r.items():
+                if key.startswith(f"ch:{name}:"):
+                    row[key.split(":")[2]] = value
+            table_rows.append(row)
+    return [
+        "",
+        "## Channels" + spread,
+        "",
+        "Per channel, at each test stamp's posterior mean: minus the log-density "
+        "per pixel in data units (nats; lower is better), and the correlation "
+        "of horizontal (x) and vertical (y) neighbours: *measured*, of the "
+        "residual stamp minus decoder mean (model units, pooled over stamps), "
+        "and *learned*, under the decoder's covariance (median over neighbour "
+        "pairs of 8 stamps; 0 for the diagonal and spherical decoders by "
+        "construction).",
         "",
         _table(
-            [r for r in summary if "rf_roc_auc" in r],
+            table_rows,
             [
-                ("features", "method", ".0f"),
-                ("K", "n_components", ".0f"),
-                ("ROC AUC", "rf_roc_auc", ".4f"),
-                ("accuracy", "rf_accuracy", ".4f"),
+                ("model", "method", ".0f"),
+                ("channel", "channel", ".0f"),
+                ("-log p / pixel", "nll_per_pixel", ".3f"),
+                ("measured x", "measured_corr_x", ".3f"),
+                ("learned x", "learned_corr_x", ".3f"),
+                ("measured y", "measured_corr_y", ".3f"),
+                ("learned y", "learned_corr_y", ".3f"),
             ],
         ),
     ]
 
 
-def _anomaly_section(summary, spread):
+def _anomaly_section(summary, spread, dataset=None):
     rows = [r for r in summary if "anomaly_auroc" in r]
     types = sorted(rows[0].get("anomaly_auroc_by_type", {}))
     table_rows = [{**r, **r.get("anomaly_auroc_by_type", {})} for r in rows]
+    normal = (
+        "the surely real stamps (drb >= 0.9)" if dataset == "ztf" else "the real stamps"
+    )
     return [
         "",
         "## Anomaly detection" + spread,
         "",
-        "A second model per covariance is fitted on the real stamps of the "
+        f"A second model per covariance is fitted on {normal} of the "
         "train and validation splits only; -score_samples ranks the test split, "
         "bogus = positive. AUROC overall and per artefact type (that type "
         "against the test reals); *active*: the active latent dimensions of "
@@ -386,8 +450,10 @@ def render_report(document, figures):
     lines = _header(document) + _density_section(document, spread)
     if any("rf_roc_auc" in r for r in summary):
         lines += _features_section(summary, spread)
+    if any(k.startswith("ch:") for r in summary for k in r):
+        lines += _channels_section(summary, spread)
     if any("anomaly_auroc" in r for r in summary):
-        lines += _anomaly_section(summary, spread)
+        lines += _anomaly_section(summary, spread, document["config"]["dataset"])
     if figures:
         lines += ["", "## Figures", ""]
         for name in figures:
