@@ -116,9 +116,29 @@ def _add_study_options(cmp_):
     """What ``compare`` fits: data, latent sizes, schedule, seeds, estimator."""
     cmp_.add_argument(
         "--dataset",
-        choices=("stamps", "fashion-mnist"),
+        choices=("stamps", "fashion-mnist", "ztf"),
         default="stamps",
-        help="data set (default: stamps)",
+        help="data set (default: stamps); ztf: real ZTF triplets from --data, "
+        "labelled by the survey's drb score and split by object",
+    )
+    cmp_.add_argument(
+        "--data",
+        dest="data_path",
+        metavar="PATH",
+        help="with --dataset ztf: a ztf_triplets.npz file, or alert files or a "
+        "folder of them",
+    )
+    cmp_.add_argument(
+        "--stamp-channels",
+        choices=("all", "difference"),
+        help="with --dataset ztf: science, template and difference (default), "
+        "or the difference alone",
+    )
+    cmp_.add_argument(
+        "--crop",
+        type=_positive_int,
+        metavar="N",
+        help="with --dataset ztf: side of the centred crop (default: 21)",
     )
     cmp_.add_argument(
         "--n-components",
@@ -401,8 +421,11 @@ def _compare(args):
     torch.set_num_threads(args.threads)
     maybe_retain_freed_memory()
     data_kw, run_kw, params = _settings(args)
+    data_options = _data_options(args)
     start = time.perf_counter()
-    data = experiments.load_dataset(args.dataset, random_state=0, **data_kw)
+    data = experiments.load_dataset(
+        args.dataset, random_state=0, **data_kw, **data_options
+    )
     defaults = experiments.PROTOCOL_DEFAULTS[args.dataset]
     run_kw = {**{k: defaults[k] for k in ("n_components", "max_epochs")}, **run_kw}
     _log(
@@ -418,6 +441,7 @@ def _compare(args):
         "dataset": args.dataset,
         "description": data["description"],
         "n_samples": int(len(data["y"])),
+        "data_options": {k: str(v) for k, v in data_options.items()},
         "n_components": list(run_kw["n_components"]),
         "seeds": args.seed,
         "max_epochs": run_kw["max_epochs"],
@@ -440,6 +464,28 @@ def _compare(args):
         log=_log,
     )
     return 0
+
+
+def _data_options(args):
+    """``load_dataset``'s options for real data (``--data`` and friends)."""
+    given = {
+        "path": args.data_path,
+        "channels": args.stamp_channels,
+        "crop": args.crop,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.dataset != "ztf":
+        if given:
+            raise _UsageError(
+                "--data, --stamp-channels and --crop apply to --dataset ztf only"
+            )
+        return {}
+    if "path" not in given:
+        raise _UsageError(
+            "--dataset ztf needs --data PATH (a ztf_triplets.npz file, or alert "
+            "files or a folder of them)"
+        )
+    return given
 
 
 def _estimator_default(name):
