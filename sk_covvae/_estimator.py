@@ -52,6 +52,10 @@ _RHO = 0.9
 # which would make a sample's result depend, in the last bits, on how many
 # rows come with it (sklearn checks subset invariance).
 _INFERENCE_BATCH = 256
+# The block of inference_batch_size="auto" on a CUDA device: large enough to
+# keep a GPU busy with these small networks (kernel launches, not arithmetic,
+# limit 256-row blocks there), small enough for any card's memory at 64x64.
+_CUDA_INFERENCE_BATCH = 8192
 # Rows standardized at once, in fit and at inference (a multiple of
 # _INFERENCE_BATCH).
 _STANDARDIZE_ROWS = 16 * _INFERENCE_BATCH
@@ -640,6 +644,15 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     n_score_particles : int, default=1
         Particles ``k`` used by :meth:`score_samples`: 1 gives the ELBO, more
         give the tighter importance-weighted bound (``k`` times the cost).
+    inference_batch_size : int or 'auto', default='auto'
+        Rows per forward pass of :meth:`transform`, :meth:`score_samples`
+        and the other inference methods. Every pass has exactly this many
+        rows (the last is zero-padded), so that an image's result does not
+        depend on the other rows of ``X``. ``'auto'``: 256 on CPU (larger
+        blocks gain nothing there), 8192 on a CUDA device, where small blocks
+        leave the GPU waiting for kernel launches; on a GPU with little
+        memory or for large images, set a smaller power of two. Results
+        agree between block sizes to float32 rounding, not bit for bit.
     warm_start : bool, default=False
         If True and the estimator is fitted, ``fit`` continues training the
         current weights for ``max_epochs`` more epochs instead of starting
@@ -768,6 +781,10 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         "stretch": [Interval(Real, 0, None, closed="neither"), None],
         "max_scale": [Interval(Real, 0, None, closed="neither")],
         "n_score_particles": [Interval(Integral, 1, None, closed="left")],
+        "inference_batch_size": [
+            Interval(Integral, 1, None, closed="left"),
+            StrOptions({"auto"}),
+        ],
         "warm_start": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
@@ -794,6 +811,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         max_scale=10.0,
         stretch=5.0,
         n_score_particles=1,
+        inference_batch_size="auto",
         warm_start=False,
         device="auto",
         random_state=None,
@@ -816,6 +834,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self.max_scale = max_scale
         self.stretch = stretch
         self.n_score_particles = n_score_particles
+        self.inference_batch_size = inference_batch_size
         self.warm_start = warm_start
         self.device = device
         self.random_state = random_state
@@ -1185,7 +1204,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         module = self._module()
         mus, logvars = [], []
         with torch.inference_mode(), _reproducible_kernels(net.device):
-            for block in rows.split(_INFERENCE_BATCH):
+            for block in rows.split(self._block_rows()):
                 mu, logvar = module.encode(block.to(net.device), dtype=torch.float64)
                 mus.append(mu.cpu())
                 logvars.append(logvar.cpu())
@@ -1213,7 +1232,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     # --------------------------------------------------------------- inference
     def _batches(self, X):
-        """Yield standardized, zero-padded blocks of ``_INFERENCE_BATCH`` rows.
+        """Yield standardized, zero-padded blocks of ``_block_rows()`` rows.
 
         Rows are standardized ``_STANDARDIZE_ROWS`` at a time (few, large
         elementwise operations, and a bounded amount of memory), then cut into
@@ -1221,16 +1240,27 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """
         device = torch.device(self.net_.device)
         offset, scale = self._feature_scaling()
+        rows = self._block_rows()
         for chunk in _standardized_chunks(
             X,
             offset,
             scale,
-            chunk=_STANDARDIZE_ROWS,
+            chunk=rows * max(1, _STANDARDIZE_ROWS // rows),
             device=device,
             stretch=self.stretch_,
         ):
-            for block in chunk.split(_INFERENCE_BATCH):
-                yield _pad_rows(block), len(block)
+            for block in chunk.split(rows):
+                yield _pad_rows(block, rows), len(block)
+
+    def _block_rows(self):
+        """Rows per inference pass: ``inference_batch_size`` resolved."""
+        # Estimators pickled before the parameter existed have no attribute.
+        size = getattr(self, "inference_batch_size", "auto")
+        if size != "auto":
+            return int(size)
+        if torch.device(self.net_.device).type == "cuda":
+            return _CUDA_INFERENCE_BATCH
+        return _INFERENCE_BATCH
 
     def _feature_scaling(self):
         """``offset_`` and ``scale_``: scalars, or one value per feature."""
@@ -1297,9 +1327,10 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Zt = torch.as_tensor(Z, dtype=torch.float32)
         means = []
         with torch.inference_mode(), _reproducible_kernels(self.net_.device):
-            for i in range(0, Zt.shape[0], _INFERENCE_BATCH):
-                block = Zt[i : i + _INFERENCE_BATCH]
-                px = module.decode(_pad_rows(block).to(self.net_.device))
+            rows = self._block_rows()
+            for i in range(0, Zt.shape[0], rows):
+                block = Zt[i : i + rows]
+                px = module.decode(_pad_rows(block, rows).to(self.net_.device))
                 means.append(px.mean[: len(block)].reshape(len(block), -1).cpu())
         means = self._to_data_units(torch.cat(means).numpy().astype(np.float64))
         return means.astype(Z.dtype, copy=False)
@@ -1704,8 +1735,9 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         device = self.net_.device
         out = []
         with torch.inference_mode(), _reproducible_kernels(self.net_.device):
-            for start in range(0, n_samples, _INFERENCE_BATCH):
-                n = min(_INFERENCE_BATCH, n_samples - start)
+            rows = self._block_rows()
+            for start in range(0, n_samples, rows):
+                n = min(rows, n_samples - start)
                 z = torch.randn(n, self._n_latent, generator=generator)
                 eps = torch.randn(n, *self.image_shape_, generator=generator)
                 px = module.decode(z.to(device))

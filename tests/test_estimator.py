@@ -390,3 +390,46 @@ def test_no_warning_for_square_images(data):
         CovarianceVAE(
             n_components=2, mean_epochs=100, max_epochs=1, random_state=0
         ).fit(X)
+
+
+def test_inference_batch_size(fitted, data):
+    X, _ = data
+    assert fitted.inference_batch_size == "auto" and fitted._block_rows() == (
+        8192 if DEVICE == "cuda" else 256
+    )
+    reference = {
+        "transform": fitted.transform(X),
+        "score_samples": fitted.score_samples(X),
+        "inverse_transform": fitted.inverse_transform(fitted.transform(X[:9])),
+    }
+    try:
+        # 'auto' is 256 on CPU: the same blocks, the same bits
+        fitted.set_params(inference_batch_size=256 if DEVICE == "cpu" else 8192)
+        np.testing.assert_array_equal(
+            fitted.score_samples(X), reference["score_samples"]
+        )
+        # other blocks: the same numbers to float32 rounding, for every row,
+        # and still independent of the other rows of X
+        fitted.set_params(inference_batch_size=7)
+        assert fitted._block_rows() == 7
+        np.testing.assert_allclose(
+            fitted.transform(X), reference["transform"], rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            fitted.score_samples(X), reference["score_samples"], rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            fitted.inverse_transform(fitted.transform(X[:9])),
+            reference["inverse_transform"],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        np.testing.assert_array_equal(
+            fitted.score_samples(X[3:10]), fitted.score_samples(X)[3:10]
+        )
+        assert fitted.sample(20, random_state=0).shape == (20, X.shape[1])
+        fitted.set_params(inference_batch_size=0)
+        with pytest.raises(ValueError, match="inference_batch_size"):
+            fitted.fit(X)
+    finally:
+        fitted.set_params(inference_batch_size="auto")
