@@ -35,6 +35,7 @@ from sk_covvae._net import (
     log_likelihood_bound,
     whitened_residual_sq_norm,
 )
+from sk_covvae._onnx import export_onnx as _export_onnx
 
 __all__ = [
     "CovarianceVAE",
@@ -1758,6 +1759,13 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
+
+    # ------------------------------------------------------------------- ONNX
+    def export_onnx(self, path, method="score_samples", *, opset=None, verify=True):
+        return _export_onnx(self, path, method, opset=opset, verify=verify)
+
+    # The documentation lives with the code, in sk_covvae._onnx.
+    export_onnx.__doc__ = _export_onnx.__doc__
 
     # ------------------------------------------------------------- model files
     def save(self, path):
