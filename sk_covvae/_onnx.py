@@ -178,6 +178,16 @@ class _ExportedMethod(torch.nn.Module):
         return bound + log_det
 
 
+def _summary(exc):
+    """The gist of an exporter error: its own summary section, else line one."""
+    text = str(exc)
+    marker = "## Exception summary"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _check_rows(estimator, n_rows, rng):
     """Raw float32 rows for the export's example and its self-check.
 
@@ -355,7 +365,8 @@ def export_onnx(estimator, path, method="score_samples", *, opset=None, verify=T
     except Exception as exc:  # the exporter raises many kinds of errors
         raise RuntimeError(
             f"torch.onnx.export could not export {method} of this "
-            f"{type(estimator).__name__} ({type(exc).__name__}: {exc})."
+            f"{type(estimator).__name__}: {_summary(exc)} (full report in the "
+            "exception's __cause__)."
         ) from exc
 
     from sk_covvae import __version__
@@ -373,7 +384,7 @@ def export_onnx(estimator, path, method="score_samples", *, opset=None, verify=T
             "neighbourhood": str(getattr(estimator, "neighbourhood", "cross")),
             "n_components": str(estimator._n_latent),
             "n_score_particles": str(estimator.n_score_particles),
-            "stretch": "none" if estimator.stretch_ is None else repr(stretch[0]),
+            "stretch": "none" if stretch is None else repr(float(stretch[0])),
         },
     )
     model.doc_string = (
