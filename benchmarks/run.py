@@ -27,6 +27,8 @@ from benchmarks.bench_datasets import bench_simulator_section  # noqa: E402
 from benchmarks.bench_distributions import bench_log_prob, bench_sampling  # noqa: E402
 from benchmarks.bench_fit import bench_training, bench_wrapper  # noqa: E402
 from benchmarks.bench_inference import bench_inference  # noqa: E402
+from benchmarks.bench_onnx import available as onnx_available  # noqa: E402
+from benchmarks.bench_onnx import bench_onnx  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     DEFAULT_OUT,
     Config,
@@ -62,6 +64,8 @@ BENCHMARKS = {
     "inference": bench_inference,
     "simulator": bench_simulator_section,
 }
+if onnx_available():  # the onnx extra: onnx, onnxruntime, onnxscript
+    BENCHMARKS["onnx"] = bench_onnx
 SECTIONS = tuple(BENCHMARKS)
 
 

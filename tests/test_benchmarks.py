@@ -40,6 +40,8 @@ def test_tiny_run_writes_finite_json(bench, tmp_path):
     # The simulator line runs benchmarks/bench_datasets.py, which has its own
     # fixed sizes (seconds of work); it is left out to keep this test fast.
     sections = [s for s in bench.SECTIONS if s != "simulator"]
+    # The onnx section has a test of its own (test_onnx_section).
+    sections = [s for s in sections if s != "onnx"]
     bench.run_suite(bench.tiny_config(), "cpu", sections=sections, out=out, echo=None)
     results = json.loads(out.read_text())
 
@@ -88,3 +90,20 @@ def test_simulator_line(bench, monkeypatch):
     assert row["pass"] and row["ratio"] == 1.1 and row["ratio_best"] == 1.2
     table = bench.format_table({"sections": {"simulator": section}}, markdown=True)
     assert "| [simulator] make_difference_stamps 21px, 1 thread(s) | 11,000 |" in table
+
+
+def test_onnx_section(bench, tmp_path):
+    """The onnx line, tiny: both engines' rates, and the same scores."""
+    from benchmarks import bench_onnx
+
+    if not bench_onnx.available():
+        pytest.skip("the onnx extra (onnx, onnxruntime, onnxscript) is missing")
+    assert "onnx" in bench.SECTIONS
+    out = tmp_path / "bench.json"
+    bench.run_suite(bench.tiny_config(), "cpu", sections=["onnx"], out=out, echo=None)
+    section = json.loads(out.read_text())["sections"]["onnx"]
+    (row,) = section["rows"]
+    assert row["unit"] == "stamps/s" and row["ratio_kind"] == "rate ratio"
+    assert all(math.isfinite(x) for x in _numbers(section))
+    assert row["measured"] > 0 and row["reference"] > 0
+    assert section["max_rel_diff"] < 1e-5
