@@ -267,6 +267,12 @@ def load_ztf(path, *, channels="all", crop=21, n_samples=None, random_state=0):
         objects = frame["object_id"].astype(str).to_numpy()
     n_all = len(images)
     keep = np.flatnonzero(np.isfinite(drb))
+    if len(keep) < 10:
+        raise ValueError(
+            f"{source}: only {len(keep)} of {n_all} detections have a drb score "
+            "(ZTF alert schemas before 3.3 carry rb only); the comparison needs "
+            "drb labels."
+        )
     if n_samples is not None and n_samples < len(keep):
         rng = check_random_state(random_state)
         keep = np.sort(rng.choice(keep, int(n_samples), replace=False))
