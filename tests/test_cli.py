@@ -131,3 +131,10 @@ def test_python_dash_m_runs_the_cli():
     )
     assert proc.returncode == 2
     assert "invalid choice: 'nope'" in proc.stderr
+
+
+def test_ztf_options_are_checked(capsys):
+    assert main(["compare", "--dataset", "ztf"]) == 2
+    assert "--dataset ztf needs --data PATH" in capsys.readouterr().err
+    assert main(["compare", "--stamp-channels", "difference"]) == 2
+    assert "apply to --dataset ztf only" in capsys.readouterr().err

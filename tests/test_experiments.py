@@ -187,3 +187,99 @@ def test_history_is_in_data_units_with_the_stretch(stamps):
     ).sum(1)
     shift = info["history"][-1]["valid_loss"] - model.net_.history[-1, "valid_loss"]
     assert shift == pytest.approx(-log_det.mean(), rel=1e-9)
+
+
+# ------------------------------------------------------------ real ZTF stamps
+ZTF_FILE = (
+    __import__("pathlib").Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "ztf_triplets"
+    / "ztf_triplets.npz"
+)
+
+
+@pytest.fixture(scope="module")
+def ztf():
+    if not ZTF_FILE.is_file():
+        pytest.skip(f"shared data {ZTF_FILE} is absent")
+    return load_dataset("ztf", path=ZTF_FILE, channels="all", crop=15)
+
+
+def test_ztf_labels_come_from_drb_and_are_counted(ztf):
+    with np.load(ZTF_FILE) as f:
+        drb = f["drb"]
+    labelled = np.isfinite(drb)
+    assert ztf["X"].shape == (labelled.sum(), 3 * 15 * 15)
+    assert np.isfinite(ztf["X"]).all() and ztf["image_shape"] == (3, 15, 15)
+    np.testing.assert_array_equal(ztf["y"], drb[labelled] >= 0.5)
+    np.testing.assert_array_equal(ztf["normal"], drb[labelled] >= 0.9)
+    counts = ztf["counts"]
+    assert counts["detections"] == 1673 and counts["with_drb"] == 1182
+    assert counts["real"] + counts["bogus"] == 1182 and counts["bogus"] == 116
+    assert counts["sure_real"] == 961  # as the data README says
+    assert ztf["channel_names"] == ["science", "template", "difference"]
+    diff = load_dataset("ztf", path=ZTF_FILE, channels="difference", crop=15)
+    np.testing.assert_array_equal(diff["X"], ztf["X"][:, 2 * 225 :])
+
+
+def test_ztf_needs_drb_and_known_options(tmp_path):
+    with pytest.raises(ValueError, match="channels must be"):
+        load_dataset("ztf", path=ZTF_FILE, channels="science")
+    path = tmp_path / "no_drb.npz"
+    np.savez(
+        path,
+        X=np.zeros((20, 3, 21, 21), np.float32),
+        drb=np.full(20, np.nan),
+        rb=np.full(20, 0.5),
+        objectId=np.array(["a"] * 20),
+    )
+    with pytest.raises(ValueError, match="0 of 20 detections have a drb score"):
+        load_dataset("ztf", path=path)
+    with pytest.raises(TypeError, match="Unexpected options"):
+        load_dataset("stamps", n_samples=10, path=path)
+
+
+def test_grouped_split_keeps_objects_together():
+    from sk_covvae.experiments import grouped_split
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 300, 1000).astype(str)
+    split = grouped_split(np.zeros(1000), groups, random_state=1)
+    parts = [set(groups[split[k]]) for k in ("train", "validation", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert sorted(np.concatenate(list(split.values()))) == list(range(1000))
+    sizes = [len(split[k]) / 1000 for k in ("train", "validation", "test")]
+    np.testing.assert_allclose(sizes, [0.6, 0.25, 0.15], atol=0.05)
+    again = grouped_split(np.zeros(1000), groups, random_state=1)
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+
+
+def test_ztf_comparison_is_grouped_and_reports_channels(ztf):
+    small = {k: v for k, v in ztf.items()}
+    keep = np.arange(0, len(ztf["y"]), 4)
+    for key in ("X", "y", "y_rb", "drb", "groups", "normal"):
+        small[key] = np.asarray(ztf[key])[keep]
+    out = run_comparison(
+        small,
+        n_components=(2,),
+        seeds=(0,),
+        covariances=("spherical", "banded"),
+        max_epochs=1,
+        **TINY,
+    )
+    groups = np.asarray(small["groups"])
+    test = out["test_index"][0]
+    train = np.setdiff1d(np.arange(len(groups)), test)
+    assert not set(groups[test]) & set(groups[train])
+    banded = next(r for r in out["runs"] if r["covariance"] == "banded")
+    spherical = next(r for r in out["runs"] if r["covariance"] == "spherical")
+    for name in ("science", "template", "difference"):
+        assert np.isfinite(banded[f"ch:{name}:nll_per_pixel"])
+        assert -1 < banded[f"ch:{name}:learned_corr_x"] < 1
+        assert spherical[f"ch:{name}:learned_corr_x"] == 0.0
+    assert 0 <= banded["rf_plus_roc_auc"] <= 1
+    assert 0 <= banded["anomaly_auroc"] <= 1
+    row = next(r for r in out["summary"] if r["method"] == "banded")
+    assert row["ch:difference:nll_per_pixel"]["n"] == 1
+    json.dumps({k: v for k, v in out.items() if k not in ("models", "test_index")})
