@@ -296,6 +296,10 @@ def export_onnx(estimator, path, method="score_samples", *, opset=None, verify=T
     RuntimeError
         If the exporter fails, or the check finds the graph wrong.
 
+    See Also
+    --------
+    score_samples, transform : The estimator's methods the graph computes.
+
     Notes
     -----
     The input is float32: cast float64 stamps first (``X.astype("float32")``);
