@@ -67,7 +67,7 @@ print("training stamps:", X_train.shape)
 vae = CovarianceVAE(
     n_components=4,
     covariance="banded",
-    max_epochs=5,
+    max_epochs=3,
     channels=(8, 16),
     hidden_units=64,
     device="cpu",

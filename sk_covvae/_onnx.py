@@ -303,7 +303,9 @@ def export_onnx(estimator, path, method="score_samples", *, opset=None, verify=T
     Notes
     -----
     The input is float32: cast float64 stamps first (``X.astype("float32")``);
-    the estimator's own results for float32 rows are the reference. Measured
+    the estimator's own results for float32 rows are the reference. The
+    graph does not check its input: a NaN or inf in a stamp gives a NaN
+    score, where the estimator raises ValueError. Measured
     on CPU, scores agree with :meth:`score_samples` to a few 1e-7 relative
     and latents with :meth:`transform` to ~1e-6 (see ``docs/scaling.md``).
 
