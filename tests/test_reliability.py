@@ -124,8 +124,10 @@ def test_invalid_parameters_are_named(params, match):
     [
         ({"image_shape": (0, 36)}, "two positive integers"),
         ({"image_shape": (6.0, 6.0)}, "two positive integers"),
-        ({"image_shape": (1, 2, 18)}, "two positive integers"),
-        ({"image_shape": (5, 5)}, "holds 25 pixels but X has 36 features"),
+        ({"image_shape": (1, 2, 3, 6)}, r"two positive integers \(H, W\) or three"),
+        ({"image_shape": (0, 6, 6)}, "three"),
+        ({"image_shape": (5, 5)}, "holds 25 values but X has 36 features"),
+        ({"image_shape": (2, 3, 3)}, "holds 18 values but X has 36 features"),
         ({"min_scale": 1.0, "max_scale": 0.5}, "min_scale=1.0 must be smaller"),
         ({"validation_fraction": None}, "Early stopping needs a validation set"),
         ({"channels": (4,)}, "channels must be two positive integers"),
