@@ -221,9 +221,10 @@ def test_bad_method(small_model, tmp_path, method):
         export_onnx(small_model, tmp_path / "m.onnx", method)
 
 
-def test_bad_opset(small_model, tmp_path):
-    with pytest.raises(ValueError, match="opset"):
-        export_onnx(small_model, tmp_path / "m.onnx", opset="18")
+@pytest.mark.parametrize("opset", ["18", 17, 18.0, True])
+def test_bad_opset(small_model, tmp_path, opset):
+    with pytest.raises(ValueError, match="opset must be an int >= 18"):
+        export_onnx(small_model, tmp_path / "m.onnx", opset=opset)
 
 
 @pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
@@ -238,4 +239,11 @@ def test_self_check_catches_a_wrong_graph(exported, small_model):
     # The graph of another model of the same image size is not this one's.
     _, path = exported
     with pytest.raises(RuntimeError, match="does not reproduce score_samples"):
+        onnx_export._verify(small_model, path, "score_samples", ort)
+
+
+def test_self_check_reports_a_graph_onnxruntime_cannot_run(small_model, tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not an onnx graph")
+    with pytest.raises(RuntimeError, match="onnxruntime .* cannot run"):
         onnx_export._verify(small_model, path, "score_samples", ort)
