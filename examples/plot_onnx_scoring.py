@@ -74,7 +74,8 @@ vae = CovarianceVAE(
     random_state=0,
 ).fit(X_train)
 
-folder = Path(tempfile.mkdtemp())
+workdir = tempfile.TemporaryDirectory()  # removed at the end
+folder = Path(workdir.name)
 model_path = vae.export_onnx(folder / "covvae_score.onnx")
 print(f"wrote {model_path.name}: {model_path.stat().st_size / 1e3:.0f} kB")
 
@@ -181,3 +182,4 @@ for ax, i in zip(axes, show):
 fig.suptitle("ONNX log p(x) [nats]: least typical (left) to most typical", fontsize=9)
 fig.tight_layout()
 plt.show()
+workdir.cleanup()
