@@ -395,12 +395,26 @@ def table(paths):
         JSON files written by this script.
     """
     runs = _load_runs(paths)
-    for task, saved in sorted(runs.items()):
+    tasks = [t for t in TASKS if t in runs]
+    print("\n### Summary: AUROC on all positives of each task\n")
+    print("| model | score | " + " | ".join(tasks) + " |")
+    print("|---|---" + "|---" * len(tasks) + "|")
+    for m, *_ in MODELS:
+        for k in METHODS:
+            cells = [
+                _mean_std(
+                    [r["auroc"]["all"][k] for r in _rows_by_model(runs[t]).get(m, [])]
+                )
+                for t in tasks
+            ]
+            print(f"| {m} | {k} | " + " | ".join(cells) + " |")
+    for task in tasks:
+        saved = runs[task]
         seeds = [s["seed"] for s in saved]
         by_model = _rows_by_model(saved)
         models = [m for m, *_ in MODELS if m in by_model]
         subsets = list(saved[0]["rows"][0]["auroc"])
-        print(f"\n#### {task}: AUROC, seeds {', '.join(map(str, seeds))}\n")
+        print(f"\n### {task}: AUROC, seeds {', '.join(map(str, seeds))}\n")
         print("| model | score | " + " | ".join(subsets) + " |")
         print("|---|---" + "|---" * len(subsets) + "|")
         for m in models:
@@ -411,7 +425,7 @@ def table(paths):
                 ]
                 print(f"| {m} | {k} | " + " | ".join(cells) + " |")
         density = "bits_per_dim" if task == "fmnist" else "neg_elbo_per_pixel"
-        print(f"\n#### {task}: fitted models\n")
+        print(f"\n### {task}: fitted models\n")
         print(
             f"| model | active dims | epochs | best epoch | fit s | {density} "
             "| collapse warnings |"
@@ -428,12 +442,12 @@ def table(paths):
                 f"| {_mean_std([r[density] for r in rs], 3)} "
                 f"| {sum(bool(r['collapse_warning']) for r in rs)} of {len(rs)} |"
             )
-    print("\n#### runs\n")
+    print("\n### Runs\n")
     print("| task | seed | wall s | hardware | source |")
     print("|---|---|---|---|---|")
     commands = []
-    for task, saved in sorted(runs.items()):
-        for s in saved:
+    for task in tasks:
+        for s in runs[task]:
             p = s["provenance"]
             hw = (
                 f"{p['cpu_model']}, {p['torch_threads']} torch thread, "
