@@ -29,6 +29,8 @@ from benchmarks.bench_fit import bench_training, bench_wrapper  # noqa: E402
 from benchmarks.bench_inference import bench_inference  # noqa: E402
 from benchmarks.bench_onnx import available as onnx_available  # noqa: E402
 from benchmarks.bench_onnx import bench_onnx  # noqa: E402
+from benchmarks.bench_scoring import available as scoring_available  # noqa: E402
+from benchmarks.bench_scoring import bench_scoring  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     DEFAULT_OUT,
     Config,
@@ -66,6 +68,8 @@ BENCHMARKS = {
 }
 if onnx_available():  # the onnx extra: onnx, onnxruntime, onnxscript
     BENCHMARKS["onnx"] = bench_onnx
+if scoring_available():  # the shipped alert packets, beside the repository
+    BENCHMARKS["scoring"] = bench_scoring
 SECTIONS = tuple(BENCHMARKS)
 
 

@@ -42,6 +42,8 @@ def test_tiny_run_writes_finite_json(bench, tmp_path):
     sections = [s for s in bench.SECTIONS if s != "simulator"]
     # The onnx section has a test of its own (test_onnx_section).
     sections = [s for s in sections if s != "onnx"]
+    # So has the scoring section (test_scoring_section).
+    sections = [s for s in sections if s != "scoring"]
     bench.run_suite(bench.tiny_config(), "cpu", sections=sections, out=out, echo=None)
     results = json.loads(out.read_text())
 
@@ -107,3 +109,28 @@ def test_onnx_section(bench, tmp_path):
     assert all(math.isfinite(x) for x in _numbers(section))
     assert row["measured"] > 0 and row["reference"] > 0
     assert section["max_rel_diff"] < 1e-5
+
+
+def test_scoring_section(bench, tmp_path):
+    """The scoring lines, tiny: read and end-to-end rates beside the model's."""
+    from benchmarks import bench_scoring
+
+    if not bench_scoring.available():
+        pytest.skip("the shipped alert packets (../shared/data) are absent")
+    assert "scoring" in bench.SECTIONS
+    out = tmp_path / "bench.json"
+    config = bench.tiny_config()
+    bench.run_suite(config, "cpu", sections=["scoring"], out=out, echo=None)
+    section = json.loads(out.read_text())["sections"]["scoring"]
+    names = [r["name"] for r in section["rows"]]
+    assert [n.split(",")[0] for n in names] == [
+        "read one-alert files",
+        "read one multi-alert file",
+        "score_alerts one-alert files",
+        "score_alerts one multi-alert file",
+    ]
+    for r in section["rows"]:
+        assert r["unit"] == "alerts/s" and r["ratio_kind"] == "rate ratio"
+        assert r["measured"] > 0 and r["reference"] > 0
+    assert all(math.isfinite(x) for x in _numbers(section))
+    assert section["rows"][-1]["target"] == ">= 0.50"

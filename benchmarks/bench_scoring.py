@@ -1,0 +1,209 @@
+"""Section ``scoring``: reading alerts and ``score_alerts`` vs the model alone.
+
+Four rates on the same ZTF alerts (the shipped ``ztf_alert_archive``, one
+alert per file, and the same packets written into one multi-alert Avro
+file): reading only (:func:`~sk_covvae.datasets.iter_alerts`), and the whole
+job (:func:`~sk_covvae.scoring.score_alerts`: read, preprocess, score, write
+Parquet), each against the model-only rate (the pipeline's
+``score_samples`` on the same stamps, already in memory), timed in
+alternation in the same run. Target (issue 12): end to end at least half
+the model-only rate for alerts in multi-alert files.
+"""
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import joblib
+import numpy as np
+
+from benchmarks.common import ESTIMATOR, best_ratio, row, time_alternating
+
+#: Where the shipped alert packets are (beside the repository).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: End to end over model-only, for alerts in multi-alert files.
+TARGET_END_TO_END_RATIO = 0.5
+#: Stamp crop the model reads (the difference plane's centre, ZTF's 63x63).
+CROP = 21
+#: Per configuration: packets read (None: all), copies of them in the
+#: multi-alert file, timed repeats, and whether the model is the default one.
+_SIZES = {
+    "tiny": dict(n_files=12, copies=1, repeats=1, default_model=False),
+    "quick": dict(n_files=None, copies=2, repeats=2, default_model=True),
+    "full": dict(n_files=None, copies=4, repeats=5, default_model=True),
+}
+
+
+def archive_files(n_files=None):
+    """The shipped one-alert ZTF packets, sorted; [] when they are absent."""
+    folder = SHARED_DATA / "ztf_alert_archive"
+    files = sorted(folder.glob("*.avro")) if folder.is_dir() else []
+    return files[:n_files] if n_files else files
+
+
+def available():
+    """Whether the shipped alert packets are there."""
+    return bool(archive_files())
+
+
+def write_multi_alert_file(files, path, copies=1):
+    """One Avro container file holding the alerts of ``files``, ``copies`` times.
+
+    The packets of the archive share one writer schema; the file gets the
+    first one's. Returns the number of alerts written.
+    """
+    import fastavro
+
+    records, schema = [], None
+    for f in files:
+        with open(f, "rb") as fh:
+            reader = fastavro.reader(fh)
+            schema = schema or reader.writer_schema
+            records.extend(reader)
+    with open(path, "wb") as fh:
+        fastavro.writer(fh, fastavro.parse_schema(schema), records * copies)
+    return len(records) * copies
+
+
+def make_model(path, default_model=True, seed=0):
+    """A pipeline (difference-plane crop, CovarianceVAE) saved with joblib.
+
+    ``CovarianceVAE()``'s defaults (speed does not depend on the weights:
+    one epoch), or a tiny network for the smoke test.
+    """
+    from sklearn.pipeline import Pipeline
+
+    from sk_covvae import CovarianceVAE
+    from sk_covvae.preprocessing import StampPreprocessor
+
+    rng = np.random.RandomState(seed)
+    X = rng.normal(size=(256, 3 * 63 * 63)).astype(np.float32)
+    params = dict(max_epochs=1, validation_fraction=None, patience=None)
+    if not default_model:
+        params.update(n_components=2, channels=(4, 8), hidden_units=16)
+    pipe = Pipeline(
+        [
+            (
+                "prep",
+                StampPreprocessor(
+                    (3, 63, 63), crop=(CROP, CROP), channels=[2], normalize="l2"
+                ),
+            ),
+            ("vae", CovarianceVAE(device="cpu", random_state=seed, **params)),
+        ]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one epoch on noise: collapse warnings
+        pipe.fit(X)
+    joblib.dump(pipe, path)
+    return pipe
+
+
+def bench_scoring(config, device):
+    """Read-only and end-to-end alerts/s vs the model-only rate, same stamps."""
+    from sk_covvae.datasets import iter_alerts
+    from sk_covvae.scoring import score_alerts
+
+    sizes = _SIZES.get(config.name, _SIZES["quick"])
+    files = archive_files(sizes["n_files"])
+    if not files:
+        raise FileNotFoundError(
+            f"The scoring benchmark reads the shipped packets of {SHARED_DATA}"
+            "/ztf_alert_archive, which are absent."
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        multi = tmp / "multi.avro"
+        n_multi = write_multi_alert_file(files, multi, sizes["copies"])
+        model_path = tmp / "model.joblib"
+        pipe = make_model(model_path, sizes["default_model"])
+        X = next(iter_alerts(files, batch_size=len(files), size=63)).images
+        X = X.reshape(len(X), -1)
+        n_one = len(files)
+
+        def read(paths):
+            return sum(len(b.images) for b in iter_alerts(paths, size=63))
+
+        def job(paths, name):
+            score_alerts(model_path, paths, tmp / f"{name}.parquet")
+
+        t = time_alternating(
+            {
+                "read_one": lambda: read(files),
+                "read_multi": lambda: read([multi]),
+                "job_one": lambda: job(files, "one"),
+                "job_multi": lambda: job([multi], "multi"),
+                "model": lambda: pipe.score_samples(X),
+            },
+            repeats=sizes["repeats"],
+            warmup=config.warmup,
+            device=device,
+        )
+    n = {"read_one": n_one, "job_one": n_one, "model": n_one}
+    n.update(read_multi=n_multi, job_multi=n_multi)
+    rate = {k: n[k] / v["median_s"] for k, v in t.items()}
+
+    def best(name):  # rate ratio of the fastest repeats, per alert
+        return (n[name] / n["model"]) * best_ratio(t, "model", name)
+
+    vae = ESTIMATOR if sizes["default_model"] else {"n_components": 2}
+    tag = f"{n_one} ZTF alerts"
+    ratio_multi = rate["job_multi"] / rate["model"]
+    return {
+        "note": (
+            "Measured on the shipped ZTF packets (ztf_alert_archive, "
+            f"{n_one} one-alert Avro files) and on one Avro file holding them "
+            f"{sizes['copies']} time(s) ({n_multi} alerts). read: iter_alerts "
+            "(batches of 1000, 63x63 stamps: Avro decode, gunzip, FITS parse, "
+            "stacking). job: score_alerts with a joblib pipeline "
+            f"(StampPreprocessor crop {CROP}x{CROP} of the difference plane, "
+            f"l2 norm; CovarianceVAE n_components={vae['n_components']}"
+            + (", the estimator's defaults" if sizes["default_model"] else "")
+            + "), model file read, reading, scoring and Parquet writing "
+            "included. Reference: the same pipeline's score_samples on the "
+            f"{n_one} stamps in memory. One process, torch threads as set; "
+            f"CPUs: {os.cpu_count()}."
+        ),
+        "timings": t,
+        "rows": [
+            row(
+                f"read one-alert files, {tag}",
+                rate["read_one"],
+                rate["model"],
+                "alerts/s",
+                rate["read_one"] / rate["model"],
+                "rate ratio",
+                ratio_best=best("read_one"),
+            ),
+            row(
+                f"read one multi-alert file, {n_multi} alerts",
+                rate["read_multi"],
+                rate["model"],
+                "alerts/s",
+                rate["read_multi"] / rate["model"],
+                "rate ratio",
+                ratio_best=best("read_multi"),
+            ),
+            row(
+                f"score_alerts one-alert files, {tag}",
+                rate["job_one"],
+                rate["model"],
+                "alerts/s",
+                rate["job_one"] / rate["model"],
+                "rate ratio",
+                ratio_best=best("job_one"),
+            ),
+            row(
+                f"score_alerts one multi-alert file, {n_multi} alerts",
+                rate["job_multi"],
+                rate["model"],
+                "alerts/s",
+                ratio_multi,
+                "rate ratio",
+                f">= {TARGET_END_TO_END_RATIO:.2f}",
+                ratio_multi >= TARGET_END_TO_END_RATIO,
+                ratio_best=best("job_multi"),
+            ),
+        ],
+    }
