@@ -53,8 +53,9 @@ _METHODS = ("score_samples", "transform")
 _OUTPUT_NAMES = {"score_samples": "scores", "transform": "latents"}
 _INPUT_NAME = "X"
 _MIN_TORCH = (2, 6)  # torch.onnx.export(..., dynamo=True, dynamic_shapes=...)
-# The exporter's own opset is 18; converting down to 17 writes Split nodes
-# with an attribute opset 17 lacks (onnx 1.23, onnxscript 0.7).
+# The exporter writes opsets 18 and up (20 by default with torch 2.13);
+# converting down to 17 writes Split nodes with an attribute opset 17 lacks
+# (onnx 1.23, onnxscript 0.7), which onnxruntime refuses to load.
 _MIN_OPSET = 18
 # Rows of the self-check after export (see ``verify``): a few typical and a
 # few extreme stamps, drawn with a fixed seed.
@@ -277,7 +278,7 @@ def export_onnx(estimator, path, method="score_samples", *, opset=None, verify=T
           n_components) float32, the posterior means of :meth:`transform`.
 
     opset : int >= 18 or None, default=None
-        ONNX opset of the graph; None: the exporter's default (18 with
+        ONNX opset of the graph; None: the exporter's default (20 with
         torch 2.13). Lower opsets are refused: the exporter's conversion
         to them writes invalid graphs.
     verify : bool, default=True

@@ -153,7 +153,13 @@ def test_dynamic_batch(stamp_model, stamps, n):
 
 def test_metadata(stamp_model):
     est, _, _, path = stamp_model
-    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    # Standard ONNX operators only (no torch or onnxscript functions): any
+    # ONNX runtime can run it, not only onnxruntime's Python package.
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    assert not model.functions
+    props = {p.key: p.value for p in model.metadata_props}
     assert props["method"] == "score_samples"
     assert props["input"] == "X" and props["output"] == "scores"
     assert props["n_features"] == "441" and props["image_shape"] == "21,21"
