@@ -27,8 +27,9 @@ pytest.importorskip("onnxscript")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Measured: scores agree to a few 1e-7 relative (float32 network layers,
-# float64 sums on both sides), latents to ~1e-6 of their spread.
+# Measured on the ZTF stamps: scores agree to 1e-7 to 4e-6 relative (the
+# most on the most extreme stamps without the stretch; float32 network
+# layers, float64 sums on both sides), latents to 3e-7 of their magnitude.
 SCORE_RTOL = 1e-5
 LATENT_ATOL = 1e-5
 
@@ -126,8 +127,9 @@ def stamp_model(stamps, tmp_path_factory):
     """The banded ('cross', stretch 5) model of 21x21 stamps, both graphs."""
     est = _fit(stamps[:400], covariance="banded", neighbourhood="cross", stretch=5.0)
     folder = tmp_path_factory.mktemp("stamps")
-    score = export_onnx(est, folder / "score.onnx")
-    latent = export_onnx(est, folder / "latent.onnx", method="transform")
+    # The public method, which calls export_onnx.
+    score = est.export_onnx(folder / "score.onnx")
+    latent = est.export_onnx(folder / "latent.onnx", method="transform")
     return est, _session(score), _session(latent), score
 
 
