@@ -21,6 +21,8 @@ import hashlib
 import json
 import math
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -384,9 +386,10 @@ def _score_sources(model, sources, *, shape, batch_size, method, latents, on_err
     from sk_covvae.datasets import iter_alerts
 
     parts, skipped = [], []
-    for batch in iter_alerts(
+    batches = iter_alerts(
         sources, batch_size=batch_size, size=shape[1:], on_error=on_error
-    ):
+    )
+    for batch in _prefetched(batches):
         skipped.extend((str(s), str(r)) for s, r in batch.skipped)
         if len(batch.images) == 0:
             continue
@@ -731,18 +734,65 @@ def _version():
     return __version__
 
 
+def _prefetched(iterable):
+    """The items of ``iterable``, each produced while the previous is used.
+
+    A reader thread runs one batch ahead: gunzip, Avro decoding and torch
+    release the GIL, so reading overlaps scoring on two cores. Order and
+    exceptions are kept; at most two batches are in memory at once besides
+    the one being read.
+    """
+    items = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry):
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+        except BaseException as exc:  # re-raised in the consuming thread
+            put((end, exc))
+            return
+        put((end, None))
+
+    thread = threading.Thread(target=produce, name="sk_covvae-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = items.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _run_local(model, files, options, sink, progress):
     from sk_covvae.datasets import iter_alerts
 
     position = {name: i for i, name in enumerate(files)}
     skipped = []
     shape = options["shape"]
-    for batch in iter_alerts(
+    batches = iter_alerts(
         files,
         batch_size=options["batch_size"],
         size=shape[1:],
         on_error=options["on_error"],
-    ):
+    )
+    for batch in _prefetched(batches):
         skipped.extend((str(s), str(r)) for s, r in batch.skipped)
         if len(batch.images):
             sink.add(
