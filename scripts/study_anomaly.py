@@ -487,6 +487,9 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "OMP_NUM_THREADS=1 python " + " ".join(sys.argv)
+    # The code that runs is the code imported now: record its revision once.
+    started = provenance()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def log(line):
         print(time.strftime("%H:%M:%S"), line, flush=True)
@@ -508,7 +511,8 @@ def main():
                 "settings": settings,
                 "args": vars(a),
                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                "provenance": provenance(),
+                "provenance": started,
+                "started": started_at,
                 "wall_time_s": time.perf_counter() - tic,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **meta,
