@@ -233,7 +233,7 @@ class Decoder(nn.Module):
         parameters; see ``VAEModule.decode``.
         """
         px = self._channels(z, dtype)
-        return IndependentChannels(px) if self.multichannel else px
+        return IndependentChannels(px, validate_args=False) if self.multichannel else px
 
     def _raw_covariance(self, h, dtype):
         """Covariance head outputs, (N, 1 + K, H, W) or (N, C, 1 + K, H, W)."""
