@@ -442,6 +442,7 @@ def _compare(args):
         "description": data["description"],
         "n_samples": int(len(data["y"])),
         "data_options": {k: str(v) for k, v in data_options.items()},
+        "data_counts": data.get("counts"),
         "n_components": list(run_kw["n_components"]),
         "seeds": args.seed,
         "max_epochs": run_kw["max_epochs"],
