@@ -1,7 +1,7 @@
 """
-===================================================
+====================================================
 Scoring real ZTF alerts: read, preprocess, fit, rank
-===================================================
+====================================================
 
 A broker receives alert packets, each with three cutouts: science, template
 and difference. This example reads real ZTF packets with
