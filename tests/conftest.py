@@ -5,11 +5,26 @@ import ...``; ``tests`` is on ``sys.path`` under pytest's default import
 mode) and receive the fixtures by name.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from sk_covvae.distributions import BandedPrecisionNormal
+
+#: The shared real data beside the project (``../shared/data``): tests that
+#: read it skip when it is absent (see ``shared``).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared(*parts):
+    """Path of a file or folder of the shared data; skip the test if absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} is absent")
+    return path
+
 
 # device="auto" (the default) trains on the GPU where there is one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,7 +11,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
-from conftest import make_images
+from conftest import make_images, shared
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 
@@ -27,7 +27,6 @@ pd = pytest.importorskip("pandas")
 # Two epochs: the tiny models' latent spaces may collapse, which is no matter here.
 pytestmark = pytest.mark.filterwarnings("ignore::sk_covvae.LatentCollapseWarning")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = dict(
     n_components=2,
     max_epochs=2,
@@ -37,13 +36,6 @@ TINY = dict(
     random_state=0,
     device="cpu",
 )
-
-
-def shared(*parts):
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent")
-    return path
 
 
 @pytest.fixture(scope="module")

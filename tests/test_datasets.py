@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import roc_auc_score
 
@@ -24,19 +25,11 @@ from sk_covvae.datasets._fashion_mnist import (
     FASHION_MNIST_ENV,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FMNIST_HOME = Path(DEFAULT_FASHION_MNIST_HOME)
 needs_fmnist = pytest.mark.skipif(
     not (FMNIST_HOME / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist is not installed",
 )
-
-
-def shared(*parts):
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent")
-    return path
 
 
 @pytest.fixture(scope="module")

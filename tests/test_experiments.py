@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from sk_covvae.experiments import (
     COVARIANCES,
@@ -190,13 +191,7 @@ def test_history_is_in_data_units_with_the_stretch(stamps):
 
 
 # ------------------------------------------------------------ real ZTF stamps
-ZTF_FILE = (
-    __import__("pathlib").Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "ztf_triplets"
-    / "ztf_triplets.npz"
-)
+ZTF_FILE = SHARED_DATA / "ztf_triplets" / "ztf_triplets.npz"
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ per-channel standardization and its Jacobian included).
 
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, make_images
+from conftest import DEVICE, make_images, shared
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import Pipeline
 
@@ -28,7 +27,6 @@ from sk_covvae.distributions import (
 )
 from sk_covvae.preprocessing import StampPreprocessor
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 short_fit = pytest.mark.filterwarnings("ignore::sk_covvae.LatentCollapseWarning")
 
 CASES = [
@@ -38,13 +36,6 @@ CASES = [
     {"covariance": "spherical"},
 ]
 SHAPE = (3, 8, 8)
-
-
-def _shared(*parts):
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent")
-    return path
 
 
 def three_channel_images(n=240, seed=0):
@@ -361,7 +352,7 @@ def test_nan_is_refused_with_a_pointer_to_the_preprocessor(data3):
 
 @short_fit
 def test_three_channel_pipeline_on_real_ztf_triplets():
-    with np.load(_shared("ztf_triplets", "ztf_triplets.npz")) as f:
+    with np.load(shared("ztf_triplets", "ztf_triplets.npz")) as f:
         X = f["X"].reshape(1673, -1)
         drb = f["drb"]
     labelled = np.flatnonzero(np.isfinite(drb))[:400]
@@ -401,7 +392,7 @@ def test_pipeline_scores_alerts_it_has_never_seen():
     pytest.importorskip("astropy")
     from sk_covvae.datasets import read_alerts
 
-    paths = sorted(_shared("ztf_alert_archive").glob("*.avro"))
+    paths = sorted(shared("ztf_alert_archive").glob("*.avro"))
     train = read_alerts(paths[:120], size=63)
     test = read_alerts(paths[120:160], size=63)
     pipe = Pipeline(

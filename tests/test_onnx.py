@@ -9,11 +9,10 @@ Each model is fitted and exported once per module (an export takes seconds).
 """
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_images
+from conftest import SHARED_DATA, make_images
 from sklearn.exceptions import NotFittedError
 
 from sk_covvae import CovarianceVAE
@@ -25,7 +24,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # Measured on the ZTF stamps: scores agree to 1e-7 to 4e-6 relative (the
 # most on the most extreme stamps without the stretch; float32 network

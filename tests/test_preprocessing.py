@@ -1,24 +1,14 @@
 """Tests of sk_covvae.preprocessing.StampPreprocessor."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import shared
 from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from sk_covvae.preprocessing import StampPreprocessor
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def shared(*parts):
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent")
-    return path
 
 
 # The common checks use a handful of features (1, 2, 3, 10, ...): a -1 in

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
+from conftest import shared
 
 from sk_covvae.datasets import (
     ALERT_CHANNELS,
@@ -34,16 +35,8 @@ from sk_covvae.datasets import (
 )
 from sk_covvae.datasets._fits import FITSError, read_cutout, read_fits_images
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 N_PACKETS = {"ztf_alerts": 15, "ztf_alert_archive": 498, "rubin_alerts": 36}
-
-
-def shared(*parts):
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent")
-    return path
 
 
 def raw_packets(folder):

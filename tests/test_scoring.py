@@ -13,6 +13,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+from conftest import shared
 from sklearn.pipeline import Pipeline
 
 from sk_covvae import CovarianceVAE
@@ -36,7 +37,6 @@ pq = pytest.importorskip("pyarrow.parquet")
 # Two epochs: the tiny models' latent spaces may collapse, which is no matter here.
 pytestmark = pytest.mark.filterwarnings("ignore::sk_covvae.LatentCollapseWarning")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 N_ZTF = 40  # packets of the ZTF archive used by most tests (of 498)
 TINY = dict(
     n_components=2,
@@ -47,13 +47,6 @@ TINY = dict(
     random_state=0,
     device="cpu",
 )
-
-
-def shared(*parts):
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent")
-    return path
 
 
 def packet_ids(paths):

@@ -9,11 +9,11 @@ One Spark session (one JVM) for the module, bound to 127.0.0.1.
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
+from conftest import shared
 from sklearn.pipeline import Pipeline
 
 from sk_covvae import CovarianceVAE
@@ -39,16 +39,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas"),
 ]
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 N_PACKETS = 40
 CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
-
-
-def shared(*parts):
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent")
-    return path
 
 
 @pytest.fixture(scope="module")
