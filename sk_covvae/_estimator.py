@@ -139,6 +139,17 @@ def _global_standardization(X, n_channels=None):
     return float(offset), float(scale) if scale > 0 else 1.0
 
 
+def _writable_rows(rows):
+    """``rows`` as a C-contiguous array torch may view without a warning.
+
+    Read-only input (memory maps, Arrow buffers, ``np.frombuffer``) is
+    copied, one chunk at a time: torch warns when it views a read-only
+    array, though nothing here writes to it.
+    """
+    rows = np.ascontiguousarray(rows)
+    return rows if rows.flags.writeable else rows.copy()
+
+
 def _standardized_chunks(
     X, offset, scale, chunk=_INFERENCE_BATCH, device=None, stretch=None
 ):
@@ -168,17 +179,17 @@ def _standardized_chunks(
     for start in range(0, X.shape[0], chunk):
         rows = X[start : start + chunk]
         if not on_cpu:
-            block = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+            block = torch.from_numpy(_writable_rows(rows)).to(device)
             if per_feature:
                 block = ((block - offset_t) / scale_t).to(torch.float32)
             else:
                 block = ((block - offset) / scale).to(torch.float32)
         elif rows.dtype == np.float32:
             if per_feature:
-                block = torch.from_numpy(np.ascontiguousarray(rows)) - offset_t
+                block = torch.from_numpy(_writable_rows(rows)) - offset_t
                 block.div_(scale_t)
             else:
-                block = torch.from_numpy(np.ascontiguousarray(rows)) - offset
+                block = torch.from_numpy(_writable_rows(rows)) - offset
                 block.div_(scale)
         else:
             block = (np.asarray(rows, dtype=np.float64) - offset) / scale
@@ -1325,7 +1336,7 @@ class CovarianceVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 f"latent vectors with n_components={self._n_latent} features."
             )
         module = self._module()
-        Zt = torch.as_tensor(Z, dtype=torch.float32)
+        Zt = torch.from_numpy(_writable_rows(Z.astype(np.float32, copy=False)))
         means = []
         with torch.inference_mode(), _reproducible_kernels(self.net_.device):
             rows = self._block_rows()

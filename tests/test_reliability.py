@@ -12,7 +12,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
 import sk_covvae._net as net_module
-from sk_covvae import CovarianceVAE
+from sk_covvae import CovarianceVAE, LatentCollapseWarning
 from sk_covvae._estimator import (
     TrainingInterruptedWarning,
     _reproducible_kernels,
@@ -347,3 +347,29 @@ def test_reproducible_kernels_sets_and_restores_cudnn_flags():
             assert flags() == (True, False, False, False)
             raise RuntimeError("inside")
     assert flags() == before
+
+
+@pytest.mark.filterwarnings("ignore::sk_covvae.LatentCollapseWarning")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_read_only_input_neither_raises_nor_warns(dtype, tmp_path):
+    # What workers hand over: memory maps, Arrow buffers, np.frombuffer views.
+    X = white_noise(n=80).astype(dtype)
+    path = tmp_path / "X.npy"
+    np.save(path, X)
+    mapped = np.load(path, mmap_mode="r")
+    viewed = np.frombuffer(X.tobytes(), dtype=dtype).reshape(X.shape)
+    assert not mapped.flags.writeable and not viewed.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", LatentCollapseWarning)
+        vae = CovarianceVAE(n_components=2, max_epochs=1, random_state=0).fit(mapped)
+        for data in (mapped, viewed):
+            vae.transform(data)
+            vae.score_samples(data)
+            for method in ("typicality", "likelihood_ratio"):
+                vae.anomaly_score(data, method=method)
+            vae.decoder_moments(data[:2])
+            Z = vae.transform(data)
+            Z.flags.writeable = False
+            vae.inverse_transform(Z)
+    np.testing.assert_array_equal(vae.score_samples(viewed), vae.score_samples(X))
