@@ -18,6 +18,8 @@ import threading
 
 import numpy as np
 
+from sk_covvae._optional import require
+
 __all__ = ["make_score_udf"]
 
 _OUTPUTS = ("score", "latents")
@@ -25,17 +27,6 @@ _OUTPUTS = ("score", "latents")
 # Python worker loads each model file once and reuses it for every batch.
 _MODELS = {}
 _MODELS_LOCK = threading.Lock()
-
-
-def _require_pyspark():
-    try:
-        from pyspark.sql.functions import pandas_udf
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "sk_covvae.spark needs pyspark, pandas and pyarrow: "
-            "pip install sk_covvae[spark]"
-        ) from exc
-    return pandas_udf
 
 
 def _cached_model(path, sha256, device):
@@ -197,7 +188,9 @@ def make_score_udf(
 
     from sk_covvae.scoring import _score_X, load_model, model_input_shape, stamps_to_X
 
-    pandas_udf = _require_pyspark()
+    pandas_udf = require(
+        "pyspark.sql.functions", "sk_covvae.spark", "pyspark", extra="spark"
+    ).pandas_udf
     if output not in _OUTPUTS:
         raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}.")
     if on_error not in ("raise", "nan"):

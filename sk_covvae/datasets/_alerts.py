@@ -5,6 +5,7 @@ import numbers
 import numpy as np
 from sklearn.utils import Bunch
 
+from sk_covvae._optional import require
 from sk_covvae.datasets._fits import read_cutout
 from sk_covvae.datasets._hits import _as_path_list
 
@@ -16,17 +17,6 @@ _CUTOUTS = {
     "science": "cutoutScience",
     "template": "cutoutTemplate",
 }
-
-
-def _import_fastavro():
-    try:
-        import fastavro
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "read_alert_cutouts needs the optional dependency fastavro: "
-            "pip install sk_covvae[astro]"
-        ) from exc
-    return fastavro
 
 
 def _decode_cutout(cutout):
@@ -156,7 +146,7 @@ def read_alert_cutouts(paths, stamp_size=21, *, on_edge="pad", return_X_y=False)
             files.append(path)
         else:
             raise FileNotFoundError(f"No such Avro file or folder: {path}")
-    fastavro = _import_fastavro()
+    fastavro = require("fastavro", "read_alert_cutouts")
 
     rows = []
     for path in files:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils import Bunch
 
+from sk_covvae._optional import require as _require
 from sk_covvae.datasets._alerts import ZTF_CUTOUT_SIZE, _centre
 from sk_covvae.datasets._fits import FITSError, read_cutout
 
@@ -90,18 +91,6 @@ class AlertReadWarning(UserWarning):
 # --------------------------------------------------------------------------
 # optional engines
 # --------------------------------------------------------------------------
-
-
-def _require(module, what, package=None):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            f"{what} needs the optional dependency {package or module}: "
-            "pip install sk_covvae[astro]"
-        ) from exc
 
 
 def _project(schema):
