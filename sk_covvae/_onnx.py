@@ -36,7 +36,6 @@ estimator.
 """
 
 import copy
-import importlib
 import numbers
 import warnings
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from sk_covvae._net import log_likelihood_bound
+from sk_covvae._optional import require
 
 __all__ = ["export_onnx"]
 
@@ -67,15 +67,8 @@ _VERIFY_ATOL = {"score_samples": 1e-2, "transform": 1e-4}
 
 
 def _import(name):
-    """Import an optional dependency of the export, or say how to install it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise ImportError(
-            f"export_onnx needs the package {name!r}, which could not be "
-            f"imported ({exc}). Install the ONNX extra: "
-            "pip install 'sk_covvae[onnx]' (onnx, onnxruntime, onnxscript)."
-        ) from exc
+    """Import a package of the ONNX extra, or say how to install it."""
+    return require(name, "export_onnx", extra="onnx")
 
 
 def _check_torch_version():
@@ -87,30 +80,23 @@ def _check_torch_version():
         )
 
 
-def _per_feature(value, image_shape, n_features, name):
-    """``offset_``/``scale_``/``stretch_`` as one float64 value per feature.
+def _feature_scaling(estimator):
+    """``offset_`` and ``scale_`` as one float64 value per feature.
 
-    A scalar applies to every feature; a vector of one value per channel
-    (``image_shape_`` of 3 entries, rows flattened channel-first) is repeated
-    over each channel's H * W features.
+    The estimator's own per-feature scaling (scalars for one channel), laid
+    out over the ``n_features_in_`` features.
     """
-    v = np.asarray(value, dtype=np.float64).reshape(-1)
-    if v.size == 1:
-        return np.full(n_features, v[0])
-    if v.size == n_features:
-        return v
-    n_channels = image_shape[0] if len(image_shape) == 3 else 1
-    if v.size == n_channels and n_features % n_channels == 0:
-        return np.repeat(v, n_features // n_channels)
-    raise ValueError(
-        f"{name} has {v.size} values; expected 1, one per channel "
-        f"({n_channels}) or one per feature ({n_features})."
+    D = estimator.n_features_in_
+    return tuple(
+        np.broadcast_to(np.asarray(v, dtype=np.float64), (D,))
+        for v in estimator._feature_scaling()
     )
 
 
 def _scalar_or_vector(v):
     """A float when every entry of ``v`` is the same (a constant in the
     graph, exactly the estimator's python-float arithmetic), else the vector."""
+    v = np.atleast_1d(v)
     return float(v[0]) if np.all(v == v[0]) else v
 
 
@@ -124,8 +110,8 @@ class _ExportedMethod(torch.nn.Module):
     method : {'score_samples', 'transform'}
     offset, scale : ndarray of shape (n_features,), float64
         Per-feature standardization.
-    stretch : ndarray of shape (n_features,) or None
-        Per-feature asinh softening, None for no stretch.
+    stretch : float or None
+        The asinh stretch ``stretch_``, None for no stretch.
     eps : torch.Tensor of shape (k, n_components)
         The estimator's fixed standard normal draws (``_fixed_noise``).
     """
@@ -199,11 +185,8 @@ def _check_rows(estimator, n_rows, rng):
     Standard normal pixels in the units of the data, the last quarter of
     the rows 30 times wider (well into the asinh's logarithmic range).
     """
-    D = estimator.n_features_in_
-    image_shape = tuple(estimator.image_shape_)
-    offset = _per_feature(estimator.offset_, image_shape, D, "offset_")
-    scale = _per_feature(estimator.scale_, image_shape, D, "scale_")
-    U = rng.standard_normal((n_rows, D))
+    offset, scale = _feature_scaling(estimator)
+    U = rng.standard_normal((n_rows, estimator.n_features_in_))
     U[-(n_rows // 4) :] *= 30.0
     return (offset + scale * U).astype(np.float32)
 
@@ -353,13 +336,8 @@ def export_onnx(estimator, path, method="score_samples", *, opset=None, verify=T
     onnxruntime = _import("onnxruntime") if verify else None
 
     path = Path(path)
-    D = estimator.n_features_in_
-    image_shape = tuple(estimator.image_shape_)
-    offset = _per_feature(estimator.offset_, image_shape, D, "offset_")
-    scale = _per_feature(estimator.scale_, image_shape, D, "scale_")
+    offset, scale = _feature_scaling(estimator)
     stretch = estimator.stretch_
-    if stretch is not None:
-        stretch = _per_feature(stretch, image_shape, D, "stretch_")
     eps = estimator._fixed_noise(estimator.n_score_particles)
 
     # A CPU copy: the estimator's own network (maybe on a GPU, maybe in use
@@ -405,17 +383,19 @@ def export_onnx(estimator, path, method="score_samples", *, opset=None, verify=T
             "method": method,
             "input": _INPUT_NAME,
             "output": output_name,
-            "n_features": str(D),
-            "image_shape": ",".join(map(str, image_shape)),
+            "n_features": str(estimator.n_features_in_),
+            "image_shape": ",".join(map(str, estimator.image_shape_)),
             "covariance": str(estimator.covariance),
             "neighbourhood": str(getattr(estimator, "neighbourhood", "cross")),
             "n_components": str(estimator._n_latent),
             "n_score_particles": str(estimator.n_score_particles),
-            "stretch": "none" if stretch is None else repr(float(stretch[0])),
+            "stretch": "none" if stretch is None else repr(float(stretch)),
         },
     )
+    n_features = estimator.n_features_in_
     model.doc_string = (
-        f"sk_covvae CovarianceVAE.{method} on raw stamps X (n_samples, {D}) float32"
+        f"sk_covvae CovarianceVAE.{method} on raw stamps X (n_samples, "
+        f"{n_features}) float32"
     )
     onnx.save_model(model, str(path))
     if verify:
