@@ -41,9 +41,13 @@ def _flops_per_stamp(fn, n):
     return counter.get_total_flops() / n
 
 
-def bench_inference(config, device):
-    """transform and score_samples stamps/s vs the bare module, same batches."""
-    batch = INFERENCE_BATCH
+def inference_model(config, device):
+    """The stamps and the model that the inference sections time.
+
+    ``config.infer_n_samples`` float32 noise stamps of ``config.infer_size``
+    pixels a side, and CovarianceVAE's defaults (banded, stretch 5) fitted
+    for one epoch on other noise: speed does not depend on the weights.
+    """
     side = config.infer_size
     rng = np.random.RandomState(0)
     X_fit = rng.normal(size=(config.infer_fit_samples, side * side))
@@ -55,6 +59,14 @@ def bench_inference(config, device):
         device=str(device),
         random_state=0,
     ).fit(X_fit.astype(np.float32))
+    return est, X
+
+
+def bench_inference(config, device):
+    """transform and score_samples stamps/s vs the bare module, same batches."""
+    batch = INFERENCE_BATCH
+    side = config.infer_size
+    est, X = inference_model(config, device)
     # The reference: the module CovarianceVAE() builds (speed does not depend
     # on the weights) on the stamps as the estimator's own standardization
     # (offset, scale and stretch) leaves them.

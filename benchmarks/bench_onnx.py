@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench_inference import inference_model
 from benchmarks.common import row, time_alternating
-from sk_covvae import CovarianceVAE
 from sk_covvae._onnx import export_onnx
 
 _PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -34,21 +34,10 @@ def bench_onnx(config, device):
     """onnxruntime's score rate vs the estimator's score_samples, same stamps."""
     import onnxruntime
 
-    side = config.infer_size
-    rng = np.random.RandomState(0)
-    X_fit = rng.normal(size=(config.infer_fit_samples, side * side))
-    X = rng.normal(size=(config.infer_n_samples, side * side)).astype(np.float32)
-    # The model of the ``inference`` section: CovarianceVAE's defaults
-    # (banded, stretch 5), fitted for one epoch on noise (speed does not
-    # depend on the weights). The ONNX graph runs on the CPU whatever the
-    # device: onnxruntime's CPU provider is what a broker's workers run.
-    est = CovarianceVAE(
-        max_epochs=1,
-        validation_fraction=None,
-        patience=None,
-        device=str(device),
-        random_state=0,
-    ).fit(X_fit.astype(np.float32))
+    # The model of the ``inference`` section. The ONNX graph runs on the CPU
+    # whatever the device: onnxruntime's CPU provider is what a broker's
+    # workers run.
+    est, X = inference_model(config, device)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as folder:
         t0 = time.perf_counter()
@@ -76,6 +65,7 @@ def bench_onnx(config, device):
     n = config.infer_n_samples
     rate = {k: n / v["median_s"] for k, v in t.items()}
     ratio = rate["onnxruntime"] / rate["score_samples"]
+    side = config.infer_size
     tag = f"{side}x{side}, {n} stamps"
     return {
         "note": (
