@@ -45,7 +45,11 @@ from sklearn.metrics import accuracy_score, roc_auc_score, roc_curve
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 
-from sk_covvae._estimator import CovarianceVAE, _stretch_log_det
+from sk_covvae._estimator import (
+    CovarianceVAE,
+    _standardized_tensor,
+    _stretch_log_det,
+)
 
 __all__ = [
     "COVARIANCES",
@@ -818,20 +822,28 @@ def evaluate_channels(model, X_test, *, n_covariance=8, channel_names=None):
     px = model.decoder_distribution(X)
     base = getattr(px, "base", px)
     loc = base.loc.reshape(len(X), C, H, W)
+    # The stamps as the model sees them, and the Jacobian of that map channel
+    # by channel (each channel's own offset and scale).
     offset, scale = model._feature_scaling()
-    u = (X.astype(np.float64) - offset) / scale
-    a = model.stretch_
-    y = u if a is None else a * np.arcsinh(u / a)
-    yt = torch.as_tensor(y.reshape(loc.shape), dtype=loc.dtype, device=loc.device)
+    y = _standardized_tensor(X, offset, scale, model.stretch_, device=loc.device)
+    y = y.to(loc.dtype).reshape(loc.shape)
     with torch.no_grad():
-        log_p = base.log_prob(yt.reshape(base.loc.shape), sum_dtype=torch.float64)
+        log_p = base.log_prob(y.reshape(base.loc.shape), sum_dtype=torch.float64)
     log_p = log_p.reshape(len(X), C).cpu().numpy()
-    # The Jacobian of the data map, channel by channel.
-    jac = -np.log(np.broadcast_to(scale, u.shape[1:])).reshape(C, -1).sum(1)
-    if a is not None:
-        jac = jac - 0.5 * np.log1p((u / a) ** 2).reshape(len(X), C, -1).sum(2)
+    offset, scale = (np.broadcast_to(v, (C * H * W,)) for v in (offset, scale))
+    jac = np.column_stack(
+        [
+            _stretch_log_det(
+                X[:, c * H * W : (c + 1) * H * W],
+                offset[c * H * W],
+                scale[c * H * W],
+                model.stretch_,
+            )
+            for c in range(C)
+        ]
+    )
     nll = -(log_p + jac) / (H * W)
-    residual = y.reshape(len(X), C, H, W) - loc.cpu().numpy()
+    residual = (y - loc).cpu().numpy()
     out = {}
     m = min(n_covariance, len(X))
     cov = base.covariance_matrix[:m].reshape(m, C, H * W, H * W).cpu().numpy()
