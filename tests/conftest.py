@@ -26,6 +26,49 @@ def shared(*parts):
     return path
 
 
+#: A tiny CovarianceVAE, for tests of the machinery around the model (model
+#: files, scoring engines), not of what it learns.
+TINY_MODEL = dict(
+    n_components=2,
+    max_epochs=2,
+    channels=(4, 8),
+    hidden_units=16,
+    batch_size=64,
+    random_state=0,
+    device="cpu",
+)
+
+
+def tiny_pipeline(image_shape, **prep):
+    """``StampPreprocessor(image_shape, **prep)``, then a ``TINY_MODEL`` VAE."""
+    from sklearn.pipeline import Pipeline
+
+    from sk_covvae import CovarianceVAE
+    from sk_covvae.preprocessing import StampPreprocessor
+
+    return Pipeline(
+        [
+            ("prep", StampPreprocessor(image_shape, **prep)),
+            ("vae", CovarianceVAE(**TINY_MODEL)),
+        ]
+    )
+
+
+@pytest.fixture(scope="session")
+def ztf_pipeline_file(tmp_path_factory):
+    """A tiny pipeline of the 15x15 difference plane, fitted on 200 real ZTF
+    triplets and saved with joblib: ``(path, pipeline, X)``, X the triplets
+    flattened. Shared by the scoring engines' tests (Dask, Spark)."""
+    import joblib
+
+    X = np.load(shared("ztf_triplets", "ztf_triplets.npz"))["X"][:200]
+    X = X.reshape(len(X), -1)
+    pipe = tiny_pipeline((3, 63, 63), crop=(15, 15), channels=[2]).fit(X)
+    path = tmp_path_factory.mktemp("model") / "model.joblib"
+    joblib.dump(pipe, path)
+    return path, pipe, X
+
+
 # device="auto" (the default) trains on the GPU where there is one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,13 +11,11 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
-from conftest import make_images, shared
+from conftest import TINY_MODEL, make_images, shared
 from sklearn.model_selection import GridSearchCV
-from sklearn.pipeline import Pipeline
 
 from sk_covvae import CovarianceVAE
 from sk_covvae.cli import main
-from sk_covvae.preprocessing import StampPreprocessor
 from sk_covvae.scoring import read_metadata, score_alerts
 
 da = pytest.importorskip("dask.array")
@@ -26,16 +24,6 @@ pd = pytest.importorskip("pandas")
 
 # Two epochs: the tiny models' latent spaces may collapse, which is no matter here.
 pytestmark = pytest.mark.filterwarnings("ignore::sk_covvae.LatentCollapseWarning")
-
-TINY = dict(
-    n_components=2,
-    max_epochs=2,
-    channels=(4, 8),
-    hidden_units=16,
-    batch_size=64,
-    random_state=0,
-    device="cpu",
-)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +42,9 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def pipe_file(tmp_path_factory):
-    X = np.load(shared("ztf_triplets", "ztf_triplets.npz"))["X"][:200]
-    pipe = Pipeline(
-        [
-            ("prep", StampPreprocessor((3, 63, 63), crop=(15, 15), channels=[2])),
-            ("vae", CovarianceVAE(**TINY)),
-        ]
-    )
-    pipe.fit(X.reshape(len(X), -1))
-    path = tmp_path_factory.mktemp("model") / "model.joblib"
-    joblib.dump(pipe, path)
-    return path, pipe, X[:60].reshape(60, -1)
+def pipe_file(ztf_pipeline_file):
+    path, pipe, X = ztf_pipeline_file
+    return path, pipe, X[:60]
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +150,7 @@ def test_map_blocks_score_samples_and_transform(client, pipe_file):
 def test_grid_search_on_the_dask_backend(client):
     X, _ = make_images(n=96, seed=0)
     grid = {"n_components": [1, 2]}
-    params = {**TINY, "channels": (2, 4), "hidden_units": 8, "max_epochs": 1}
+    params = {**TINY_MODEL, "channels": (2, 4), "hidden_units": 8, "max_epochs": 1}
     search = GridSearchCV(CovarianceVAE(**params), grid, cv=2)
     with joblib.parallel_backend("dask"):
         search.fit(X)

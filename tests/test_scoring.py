@@ -13,8 +13,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
-from conftest import shared
-from sklearn.pipeline import Pipeline
+from conftest import TINY_MODEL, shared, tiny_pipeline
 
 from sk_covvae import CovarianceVAE
 from sk_covvae.cli import main
@@ -38,15 +37,6 @@ pq = pytest.importorskip("pyarrow.parquet")
 pytestmark = pytest.mark.filterwarnings("ignore::sk_covvae.LatentCollapseWarning")
 
 N_ZTF = 40  # packets of the ZTF archive used by most tests (of 498)
-TINY = dict(
-    n_components=2,
-    max_epochs=2,
-    channels=(4, 8),
-    hidden_units=16,
-    batch_size=64,
-    random_state=0,
-    device="cpu",
-)
 
 
 def packet_ids(paths):
@@ -60,15 +50,6 @@ def packet_ids(paths):
                 else:
                     ids.append(rec["diaSource"]["diaSourceId"])
     return ids
-
-
-def tiny_pipeline(image_shape, **prep):
-    return Pipeline(
-        [
-            ("prep", StampPreprocessor(image_shape, **prep)),
-            ("vae", CovarianceVAE(**TINY)),
-        ]
-    )
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +222,7 @@ def test_stamps_to_X_layout():
 def test_covvae_save_files_are_recognised_and_shape_mismatch_named(tmp_path):
     X = np.random.RandomState(0).normal(size=(64, 36))
     path = tmp_path / "m.covvae"
-    CovarianceVAE(**TINY).fit(X).save(path)
+    CovarianceVAE(**TINY_MODEL).fit(X).save(path)
     model, sha = load_model(path)
     assert isinstance(model, CovarianceVAE) and len(sha) == 64
     with pytest.raises(ValueError, match=r"\(1, 6, 6\): 1 channel\(s\)"):

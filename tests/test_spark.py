@@ -10,15 +10,11 @@ import os
 import shutil
 import sys
 
-import joblib
 import numpy as np
 import pytest
 from conftest import shared
-from sklearn.pipeline import Pipeline
 
-from sk_covvae import CovarianceVAE
 from sk_covvae.datasets import read_alerts
-from sk_covvae.preprocessing import StampPreprocessor
 from sk_covvae.scoring import score_alerts
 
 if shutil.which("java") is None:
@@ -100,28 +96,8 @@ def table(tmp_path_factory, packets):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    X = np.load(shared("ztf_triplets", "ztf_triplets.npz"))["X"][:200]
-    pipe = Pipeline(
-        [
-            ("prep", StampPreprocessor((3, 63, 63), crop=(15, 15), channels=[2])),
-            (
-                "vae",
-                CovarianceVAE(
-                    n_components=2,
-                    max_epochs=2,
-                    channels=(4, 8),
-                    hidden_units=16,
-                    batch_size=64,
-                    random_state=0,
-                    device="cpu",
-                ),
-            ),
-        ]
-    )
-    pipe.fit(X.reshape(len(X), -1))
-    path = tmp_path_factory.mktemp("model") / "model.joblib"
-    joblib.dump(pipe, path)
+def model(ztf_pipeline_file):
+    path, pipe, _ = ztf_pipeline_file
     return path, pipe
 
 
