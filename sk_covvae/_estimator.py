@@ -168,10 +168,11 @@ def _standardized_chunks(
     float32.
     """
     on_cpu = device is None or torch.device(device).type == "cpu"
-    per_feature = np.ndim(offset) > 0
-    if per_feature:
-        # Per-feature vectors (one value per channel, repeated): as tensors,
-        # in the dtype the rows are standardized in, like a Python scalar.
+    # The torch paths take per-feature vectors (one value per channel,
+    # repeated) as tensors in the dtype the rows are standardized in, as they
+    # take a Python scalar.
+    offset_t, scale_t = offset, scale
+    if np.ndim(offset) > 0:
         where = "cpu" if on_cpu else device
         dtype = torch.float32 if X.dtype == np.float32 else torch.float64
         offset_t = torch.as_tensor(offset, dtype=dtype, device=where)
@@ -180,17 +181,10 @@ def _standardized_chunks(
         rows = X[start : start + chunk]
         if not on_cpu:
             block = torch.from_numpy(_writable_rows(rows)).to(device)
-            if per_feature:
-                block = ((block - offset_t) / scale_t).to(torch.float32)
-            else:
-                block = ((block - offset) / scale).to(torch.float32)
+            block = ((block - offset_t) / scale_t).to(torch.float32)
         elif rows.dtype == np.float32:
-            if per_feature:
-                block = torch.from_numpy(_writable_rows(rows)) - offset_t
-                block.div_(scale_t)
-            else:
-                block = torch.from_numpy(_writable_rows(rows)) - offset
-                block.div_(scale)
+            block = torch.from_numpy(_writable_rows(rows)) - offset_t
+            block.div_(scale_t)
         else:
             block = (np.asarray(rows, dtype=np.float64) - offset) / scale
             with np.errstate(over="ignore"):  # reported below, with the cause
