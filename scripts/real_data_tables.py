@@ -17,9 +17,7 @@ import json
 from pathlib import Path
 
 from sk_covvae._show_versions import markdown_table
-from sk_covvae.report import _cell
-
-MODELS = ("spherical", "diagonal", "banded")
+from sk_covvae.report import _cell, _channel_rows
 
 
 def _rows(document):
@@ -73,25 +71,19 @@ def main(argv=None):
     )
     print()
     print("**Per channel** (all three channels, test split)\n")
-    chan = []
-    for doc in documents:
-        for channels, row in _rows(doc):
-            if row["method"] not in MODELS:
-                continue
-            names = dict.fromkeys(k.split(":")[1] for k in row if k.startswith("ch:"))
-            for name in names:
-                entry = {"channels": channels, "model": row["method"], "ch": name}
-                for key, value in row.items():
-                    if key.startswith(f"ch:{name}:"):
-                        entry[key.split(":")[2]] = value
-                chan.append(entry)
+    chan = [
+        {"channels": channels, **row}
+        for doc in documents
+        for channels in [doc["config"]["data_options"].get("channels", "all")]
+        for row in _channel_rows(doc["summary"])
+    ]
     print(
         markdown_table(
             chan,
             [
                 ("channels", "channels"),
-                ("model", "model"),
-                ("channel", "ch"),
+                ("model", "method"),
+                ("channel", "channel"),
                 ("-log p / pixel (nats)", "nll_per_pixel", cell),
                 ("measured x", "measured_corr_x", cell),
                 ("learned x", "learned_corr_x", cell),

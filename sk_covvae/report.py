@@ -358,8 +358,12 @@ def _features_section(summary, spread):
     ]
 
 
-def _channels_section(summary, spread):
-    """Per-channel density and neighbour correlation (multi-channel data)."""
+def _channel_rows(summary):
+    """One row per (model, channel) of the summary's ``ch:<name>:<metric>`` keys.
+
+    Each row holds ``method``, ``channel`` and the metrics by their short
+    names (``nll_per_pixel``, ``measured_corr_x``, ...).
+    """
     rows = [r for r in summary if any(k.startswith("ch:") for k in r)]
     names = list(
         dict.fromkeys(k.split(":")[1] for r in rows for k in r if k.startswith("ch:"))
@@ -372,6 +376,11 @@ def _channels_section(summary, spread):
                 if key.startswith(f"ch:{name}:"):
                     row[key.split(":")[2]] = value
             table_rows.append(row)
+    return table_rows
+
+
+def _channels_section(summary, spread):
+    """Per-channel density and neighbour correlation (multi-channel data)."""
     return [
         "",
         "## Channels" + spread,
@@ -385,7 +394,7 @@ def _channels_section(summary, spread):
         "construction).",
         "",
         _table(
-            table_rows,
+            _channel_rows(summary),
             [
                 ("model", "method", ".0f"),
                 ("channel", "channel", ".0f"),
