@@ -32,6 +32,7 @@ __all__ = [
     "ModelFileError",
     "ScoreSummary",
     "load_model",
+    "model_channels",
     "model_input_shape",
     "score_alerts",
     "stamps_to_X",
@@ -308,6 +309,50 @@ def model_input_shape(model):
     return shape
 
 
+def model_channels(model, shape):
+    """Names of the alert cutouts whose planes a model reads.
+
+    A :class:`~sk_covvae.preprocessing.StampPreprocessor` first in the
+    pipeline keeps only its ``channels`` (and ``variance_channels``); the
+    other cutouts need not be decoded at all. Any other first step reads
+    all three.
+
+    Parameters
+    ----------
+    model : estimator
+        A fitted model, e.g. from :func:`load_model`.
+    shape : tuple of int
+        ``(C, H, W)`` from :func:`model_input_shape`.
+
+    Returns
+    -------
+    channels : list of str
+        Among :data:`~sk_covvae.datasets.ALERT_CHANNELS`, in that order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_covvae.preprocessing import StampPreprocessor
+    >>> from sk_covvae.scoring import model_channels
+    >>> pre = StampPreprocessor((3, 21, 21), channels=[2])
+    >>> pre = pre.fit(np.zeros((1, 3 * 21 * 21)))
+    >>> model_channels(pre, (3, 21, 21))
+    ['difference']
+    """
+    from sk_covvae.datasets import ALERT_CHANNELS
+    from sk_covvae.preprocessing import StampPreprocessor
+
+    first = _first_step(model)
+    used = range(shape[0])
+    if isinstance(first, StampPreprocessor) and hasattr(first, "n_features_in_"):
+        geometry = first._geometry(first.n_features_in_)
+        used = set(geometry.images) | set(geometry.variances or ())
+    # channels 3 to 5 of a six-channel stamp are the variance planes of the
+    # same three cutouts
+    planes = {c % 3 for c in used}
+    return [name for c, name in enumerate(ALERT_CHANNELS) if c in planes]
+
+
 def stamps_to_X(images, variance, shape):
     """The rows a model reads from alert stamps.
 
@@ -378,7 +423,9 @@ def _n_latent(model):
 # --------------------------------------------------------------------------
 
 
-def _score_sources(model, sources, *, shape, batch_size, method, latents, on_error):
+def _score_sources(
+    model, sources, *, shape, batch_size, method, latents, on_error, channels=None
+):
     """Score every alert of ``sources``; return ``(columns, skipped)``.
 
     ``columns`` is a dict of numpy arrays / lists in table order.
@@ -387,7 +434,11 @@ def _score_sources(model, sources, *, shape, batch_size, method, latents, on_err
 
     parts, skipped = [], []
     batches = iter_alerts(
-        sources, batch_size=batch_size, size=shape[1:], on_error=on_error
+        sources,
+        batch_size=batch_size,
+        size=shape[1:],
+        on_error=on_error,
+        channels=channels,
     )
     for batch in _prefetched(batches):
         skipped.extend((str(s), str(r)) for s, r in batch.skipped)
@@ -686,6 +737,7 @@ def score_alerts(
     n_latent = _n_latent(estimator) if latents else 0
     options = dict(
         shape=shape,
+        channels=model_channels(estimator, shape),
         batch_size=int(batch_size),
         method=method,
         latents=bool(latents),
@@ -791,6 +843,7 @@ def _run_local(model, files, options, sink, progress):
         batch_size=options["batch_size"],
         size=shape[1:],
         on_error=options["on_error"],
+        channels=options["channels"],
     )
     for batch in _prefetched(batches):
         skipped.extend((str(s), str(r)) for s, r in batch.skipped)

@@ -17,12 +17,14 @@ import zlib
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.utils import Bunch
 
 from sk_covvae._optional import require as _require
 from sk_covvae.datasets._alerts import ZTF_CUTOUT_SIZE, _centre
+from sk_covvae.datasets._avro import RecordDecoder, record_decoder
 from sk_covvae.datasets._fits import FITSError, read_cutout
 
 #: Order of the three planes of every stamp in ``images`` and ``variance``.
@@ -62,6 +64,9 @@ _SUB_FIELDS = {
     "diaObject": frozenset(["diaObjectId"]),
 }
 _PARQUET_BATCH = 256
+#: Whether Avro records go through the compiled decoder (sk_covvae.datasets
+#: ._avro) when numba is installed; the tests turn it off to compare.
+_FAST_DECODER = True
 
 
 class AlertReadError(ValueError):
@@ -117,8 +122,27 @@ def _project(schema):
     return {**schema, "fields": fields}
 
 
+class _Schemas(NamedTuple):
+    """How to decode records written with one Avro schema."""
+
+    #: fastavro's parsed writer schema.
+    writer: dict
+    #: The projection on the fields the readers use (None: read everything).
+    reader: dict | None
+    #: The compiled decoder of those fields (None: fastavro decodes).
+    fast: RecordDecoder | None
+
+    def read(self, buf, pos, fastavro):
+        """``(record, next position)`` of the record of ``buf`` at ``pos``."""
+        if self.fast is not None:
+            return self.fast.read(buf, pos)
+        f = io.BytesIO(buf)
+        f.seek(pos)
+        return fastavro.schemaless_reader(f, self.writer, self.reader), f.tell()
+
+
 def _parse_schemas(schema):
-    """Parsed ``(writer, reader)`` schemas; reader is None to read everything."""
+    """The :class:`_Schemas` of a writer schema."""
     fastavro = _require("fastavro", "Reading Avro alerts")
     writer = fastavro.parse_schema(schema)
     projected = _project(schema)
@@ -126,7 +150,10 @@ def _parse_schemas(schema):
         reader = None if projected is None else fastavro.parse_schema(projected)
     except Exception:  # e.g. a kept field refers to a type defined in a dropped one
         reader = None
-    return writer, reader
+    fast = None
+    if reader is not None and _FAST_DECODER:
+        fast = record_decoder(schema, _TOP_FIELDS, _SUB_FIELDS)
+    return _Schemas(writer, reader, fast)
 
 
 @functools.lru_cache(maxsize=64)
@@ -235,7 +262,7 @@ def _avro_container(f, fastavro):
         f.seek(0)
         yield from fastavro.reader(f)
         return
-    writer, reader = _parsed_writer_schema(meta["avro.schema"].decode())
+    schemas = _parsed_writer_schema(meta["avro.schema"].decode())
     sync = header["sync"]
     while (count := _read_long(f)) is not None:
         size = _read_long(f)
@@ -246,9 +273,10 @@ def _avro_container(f, fastavro):
             raise EOFError(f"block of {size} bytes, {len(data)} present")
         if codec == "deflate":
             data = zlib.decompress(data, -15)
-        block = io.BytesIO(data)
+        pos = 0
         for _ in range(count):
-            yield fastavro.schemaless_reader(block, writer, reader)
+            record, pos = schemas.read(data, pos, fastavro)
+            yield record
         if f.read(16) != sync:
             raise ValueError("expected sync marker not found")
 
@@ -259,7 +287,8 @@ def _confluent_frames(f, resolve, fastavro):
     Each is a magic byte 0, a 4-byte big-endian schema id and an Avro body
     without schema, decoded with the schema ``resolve(schema_id)``.
     """
-    while head := f.read(5):
+    buf, pos = f.read(), 0
+    while head := buf[pos : pos + 5]:
         if len(head) < 5 or head[0] != 0:
             raise ValueError(f"bad Confluent wire-format header {head!r}")
         schema_id = int.from_bytes(head[1:], "big")
@@ -270,7 +299,8 @@ def _confluent_frames(f, resolve, fastavro):
                 "schema= (lsst-alert-packet ships Rubin's, numbered "
                 "major * 100 + minor)"
             )
-        yield fastavro.schemaless_reader(f, *schemas)
+        record, pos = schemas.read(buf, pos + 5, fastavro)
+        yield record
 
 
 def _unflatten(row):
@@ -404,8 +434,12 @@ def _rubin_fields(rec):
     }, (None, None)
 
 
-def _alert_row(rec):
-    """Fields, cutout planes and candidate positions of one alert record."""
+def _alert_row(rec, decode=(True, True, True)):
+    """Fields, cutout planes and candidate positions of one alert record.
+
+    ``decode[c]`` says whether cutout ``c`` is decoded; a cutout that is not
+    decoded is a None plane (counted as missing only when absent).
+    """
     if "candidate" in rec:
         fields, (ypos, xpos) = _ztf_fields(rec)
     elif "diaSource" in rec:
@@ -418,9 +452,13 @@ def _alert_row(rec):
     if fields["alert_id"] is None:
         raise ValueError("the alert has no candid / diaSourceId")
     fields["alert_id"] = int(fields["alert_id"])
-    planes, variances, centres = [], [], []
-    for name in _CUTOUT_FIELDS:
-        data = _stamp_bytes(rec.get(name))
+    planes, variances, centres, n_missing = [], [], [], 0
+    for name, wanted in zip(_CUTOUT_FIELDS, decode, strict=True):
+        data = rec.get(name)
+        n_missing += data is None or (
+            isinstance(data, Mapping) and data.get("stampData") is None
+        )
+        data = _stamp_bytes(data) if wanted else None
         if data is None:
             planes.append(None)
             variances.append(None)
@@ -434,7 +472,9 @@ def _alert_row(rec):
         variances.append(variance)
         h, w = image.shape
         centres.append((_candidate_index(h, ypos), _candidate_index(w, xpos)))
-    fields.update(planes=planes, variances=variances, centres=centres)
+    fields.update(
+        planes=planes, variances=variances, centres=centres, n_missing=n_missing
+    )
     return fields
 
 
@@ -508,9 +548,9 @@ def _bunch(rows, shape, skipped):
     n_missing = np.zeros(n, dtype=np.int64)
     cutout_shape = np.zeros((n, 2), dtype=np.int64)
     for i, row in enumerate(rows):
+        n_missing[i] = row["n_missing"]
         for c, image in enumerate(row["planes"]):
             if image is None:
-                n_missing[i] += 1
                 continue
             cy, cx = row["centres"][c]
             padded[i] |= _place(images[i, c], image, cy, cx)
@@ -617,7 +657,29 @@ def _check_on_error(on_error):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
 
 
-def _rows(sources, resolve, on_error, skipped):
+def _check_channels(channels):
+    """``decode`` flags of the three cutouts for ``channels``."""
+    if channels is None:
+        return (True, True, True)
+    if isinstance(channels, str | int | np.integer):
+        channels = [channels]
+    wanted = set()
+    for c in channels:
+        if isinstance(c, str) and c in ALERT_CHANNELS:
+            wanted.add(ALERT_CHANNELS.index(c))
+        elif isinstance(c, int | np.integer) and not isinstance(c, bool) and 0 <= c < 3:
+            wanted.add(int(c))
+        else:
+            raise ValueError(
+                f"channels must name cutouts among {ALERT_CHANNELS} (or their "
+                f"indices 0 to 2), got {c!r}."
+            )
+    if not wanted:
+        raise ValueError("channels is empty: give at least one cutout to decode.")
+    return tuple(c in wanted for c in range(3))
+
+
+def _rows(sources, resolve, on_error, skipped, decode=(True, True, True)):
     """Every readable alert of ``sources``; failures raise or go to ``skipped``."""
     fastavro = _require("fastavro", "Reading alerts")
 
@@ -631,7 +693,7 @@ def _rows(sources, resolve, on_error, skipped):
         try:
             for index, record in _records(source, resolve, fastavro):
                 try:
-                    row = _alert_row(record)
+                    row = _alert_row(record, decode)
                 except (ValueError, TypeError, KeyError) as exc:
                     fail(name, f"alert {index}: {exc}", exc)
                     continue
@@ -661,7 +723,7 @@ def _batches(rows, batch_size, shape, skipped):
 # --------------------------------------------------------------------------
 
 
-def read_alerts(paths, *, size=None, on_error="raise", schema=None):
+def read_alerts(paths, *, size=None, on_error="raise", schema=None, channels=None):
     """Read cutouts and key fields of ZTF and Rubin alert packets.
 
     Reads, in order, every alert of the given files (or of every
@@ -708,6 +770,14 @@ def read_alerts(paths, *, size=None, on_error="raise", schema=None):
         Default: the Rubin alert schemas that lsst-alert-packet ships, looked
         up by schema id (``major * 100 + minor``). Files with their own
         schema (Avro containers, Parquet) ignore it.
+    channels : list of str or int, optional
+        The cutouts to decode, by name (``'science'``, ``'template'``,
+        ``'difference'``) or index; the planes of the others are NaN, and
+        their bytes are not even decompressed (e.g. ``['difference']`` for a
+        model that reads the difference only: about three times less
+        decoding). ``padded``, ``cutout_height`` and ``cutout_width`` then
+        describe the decoded cutouts; ``n_missing_cutouts`` still counts
+        every cutout absent from the alert. Default: all three.
 
     Returns
     -------
@@ -769,12 +839,15 @@ def read_alerts(paths, *, size=None, on_error="raise", schema=None):
     """
     shape = _check_size(size)
     _check_on_error(on_error)
+    decode = _check_channels(channels)
     sources, resolve, skipped = _sources(paths), _schema_resolver(schema), []
-    rows = list(_rows(sources, resolve, on_error, skipped))
+    rows = list(_rows(sources, resolve, on_error, skipped, decode))
     return _bunch(rows, shape or _common_shape(rows), skipped)
 
 
-def iter_alerts(paths, *, batch_size=1000, size=None, on_error="raise", schema=None):
+def iter_alerts(
+    paths, *, batch_size=1000, size=None, on_error="raise", schema=None, channels=None
+):
     """Read alert packets in batches, holding one batch in memory.
 
     The streaming form of :func:`read_alerts` (same formats, arguments and
@@ -798,6 +871,8 @@ def iter_alerts(paths, *, batch_size=1000, size=None, on_error="raise", schema=N
         when only skipped files remain.
     schema : dict, str, path-like or mapping, optional
         As in :func:`read_alerts`.
+    channels : list of str or int, optional
+        As in :func:`read_alerts`: the cutouts to decode.
 
     Yields
     ------
@@ -826,6 +901,7 @@ def iter_alerts(paths, *, batch_size=1000, size=None, on_error="raise", schema=N
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     shape = _check_size(size)
     _check_on_error(on_error)
+    decode = _check_channels(channels)
     sources, resolve, skipped = _sources(paths), _schema_resolver(schema), []
-    rows = _rows(sources, resolve, on_error, skipped)
+    rows = _rows(sources, resolve, on_error, skipped, decode)
     return _batches(rows, int(batch_size), shape, skipped)

@@ -1,0 +1,658 @@
+"""Decode chosen fields of Avro records with a compiled walker (numba).
+
+The readers need about twenty fields of an alert: its ids, a few fields of
+the candidate and the three cutouts. fastavro decodes them with a reader
+schema that leaves the rest out, but it still steps through every skipped
+field in interpreted code (a ZTF packet's ``prv_candidates`` alone holds
+about a thousand), which makes decoding the slowest step of reading.
+
+Here a writer schema is compiled once into flat tables (one node per Avro
+type, one entry per record field), and a jitted function walks a record's
+bytes by those tables, noting where each wanted field starts and ends;
+Python then decodes only those slices. The result is the dict that
+``fastavro.schemaless_reader(fo, writer, reader)`` returns for the reader
+schema that :func:`~sk_covvae.datasets._readers._project` builds (tests check
+this on every shipped packet). Schemas with features the walker does not
+cover (logical types among the wanted fields, unions of several records on
+the way to a wanted field) get no plan, and their records go through
+fastavro as before; so do all records when numba is not installed.
+
+Avro's binary encoding (the specification, "Binary Encoding"): ``int`` and
+``long`` are zig-zag varints; ``float`` and ``double`` are 4 and 8 bytes;
+``bytes`` and ``string`` a long length then the data; ``fixed`` its size;
+``enum`` and a union's branch a long index; records their fields in order;
+arrays and maps blocks of a long count (negative: followed by the block's
+size in bytes) ending with a zero count, map entries being a string key
+then a value.
+"""
+
+import functools
+import struct
+import types
+
+import numpy as np
+
+# Node kinds of the compiled tables.
+_NULL, _BOOLEAN, _LONG, _FLOAT, _DOUBLE, _BYTES = 0, 1, 2, 3, 4, 5
+_FIXED, _ENUM, _RECORD, _ARRAY, _MAP, _UNION = 6, 7, 8, 9, 10, 11
+_PRIMITIVES = {
+    "null": _NULL,
+    "boolean": _BOOLEAN,
+    "int": _LONG,
+    "long": _LONG,
+    "float": _FLOAT,
+    "double": _DOUBLE,
+    "bytes": _BYTES,
+    "string": _BYTES,
+}
+
+_RECORDS = ("record", "error")
+
+#: Returned by the walker for data that do not fit the schema.
+_CORRUPT = -1
+
+
+class _Unsupported(Exception):
+    """The schema needs something the walker does not do (use fastavro)."""
+
+
+# --------------------------------------------------------------------------
+# the jitted walker
+# --------------------------------------------------------------------------
+
+
+def _read_long(buf, pos, end):
+    """(value, next position) of a zig-zag varint; position -1 if cut off."""
+    result = 0
+    shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            return 0, _CORRUPT
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+    return (result >> 1) ^ -(result & 1), pos
+
+
+def _walk(buf, pos, end, node, nodes, fields, out):
+    """Position after the value of type ``node`` that starts at ``pos``.
+
+    ``nodes[i]`` is ``(kind, arg, first, count)`` of type ``i``; a record's
+    fields and a union's branches are ``fields[first : first + count]``,
+    each ``(type, slot)``. Fields with a slot >= 0 write ``(start, stop)``
+    to ``out[slot]``. Returns -1 when the data run past ``end`` or do not
+    fit the schema, -2 when the types nest deeper than the walker's stack.
+    Iterative (a stack of open records, arrays and maps), plain Python
+    here; :func:`_jitted` compiles it, and the tests also run it as it is.
+    """
+    depth = 64
+    stack = np.zeros((depth, 3), dtype=np.int64)  # node, next field, items left
+    sp = 0
+    while True:
+        # enter a value of type ``node`` at ``pos``
+        while True:
+            k = nodes[node, 0]
+            if k == 11:  # union: the branch index, then the branch
+                branch, pos = _read_long(buf, pos, end)
+                if pos < 0 or branch < 0 or branch >= nodes[node, 3]:
+                    return _CORRUPT
+                node = fields[nodes[node, 2] + branch, 0]
+                continue
+            break
+        if k == 8 or k == 9 or k == 10:  # record, array, map: open a frame
+            if sp == depth:
+                return -2
+            stack[sp, 0] = node
+            stack[sp, 1] = nodes[node, 2]
+            stack[sp, 2] = 0
+            sp += 1
+        elif k == 1:  # boolean
+            pos += 1
+        elif k == 2 or k == 7:  # int, long, enum
+            _, pos = _read_long(buf, pos, end)
+        elif k == 3:  # float
+            pos += 4
+        elif k == 4:  # double
+            pos += 8
+        elif k == 5:  # bytes, string
+            n, pos = _read_long(buf, pos, end)
+            if n < 0:
+                return _CORRUPT
+            pos += n
+        elif k == 6:  # fixed
+            pos += nodes[node, 1]
+        if pos < 0 or pos > end:
+            return _CORRUPT
+        # resume the open frames until one has a value to enter
+        entered = False
+        while sp > 0 and not entered:
+            top = sp - 1
+            frame = stack[top, 0]
+            fk = nodes[frame, 0]
+            if fk == 8:  # record
+                j = stack[top, 1]
+                first = nodes[frame, 2]
+                if j > first and fields[j - 1, 1] >= 0:  # field j - 1 is done
+                    out[fields[j - 1, 1], 1] = pos
+                if j == first + nodes[frame, 3]:
+                    sp -= 1
+                    continue
+                if fields[j, 1] >= 0:
+                    out[fields[j, 1], 0] = pos
+                stack[top, 1] = j + 1
+                node = fields[j, 0]
+                entered = True
+            else:  # array or map
+                if stack[top, 2] == 0:  # a new block
+                    n, pos = _read_long(buf, pos, end)
+                    if pos < 0:
+                        return _CORRUPT
+                    if n == 0:
+                        sp -= 1
+                        continue
+                    if n < 0:  # the count is followed by the block's size
+                        size, pos = _read_long(buf, pos, end)
+                        if pos < 0 or size < 0 or pos + size > end:
+                            return _CORRUPT
+                        pos += size  # no wanted field lies inside
+                        continue
+                    stack[top, 2] = n
+                stack[top, 2] -= 1
+                if fk == 10:  # a map entry's key
+                    n, pos = _read_long(buf, pos, end)
+                    if pos < 0 or n < 0 or pos + n > end:
+                        return _CORRUPT
+                    pos += n
+                node = nodes[frame, 1]
+                entered = True
+        if not entered:
+            return pos
+
+
+@functools.lru_cache(maxsize=1)
+def _jitted():
+    """The numba-compiled walker, or None without numba.
+
+    Compiled on first use in a process (numba keeps the machine code in its
+    cache beside this module when it may write there).
+    """
+    try:
+        import numba
+    except ImportError:
+        return None
+    # Copies of the two functions whose global names ``_read_long`` and
+    # ``_walk`` (its own recursive call) refer to the compiled ones.
+    namespace = {"__name__": __name__, "_CORRUPT": _CORRUPT, "np": np}
+
+    def compiled(fn):
+        copy = types.FunctionType(fn.__code__, namespace, fn.__name__)
+        copy.__qualname__ = fn.__qualname__
+        namespace[fn.__name__] = numba.njit(cache=True, nogil=True)(copy)
+        return namespace[fn.__name__]
+
+    compiled(_read_long)
+    return compiled(_walk)
+
+
+# --------------------------------------------------------------------------
+# compiling a schema
+# --------------------------------------------------------------------------
+
+
+class _Tables:
+    """The flat tables of a schema's types, built depth first."""
+
+    def __init__(self):
+        self.kind, self.arg, self.first, self.count = [], [], [], []
+        self.kids, self.slots = [], []
+        self.named = {}  # full name -> node, for shared (unplanned) types
+        self.primitive = {}
+
+    def node(self, kind, arg=0):
+        self.kind.append(kind)
+        self.arg.append(arg)
+        self.first.append(0)
+        self.count.append(0)
+        return len(self.kind) - 1
+
+    def children(self, node, kids, slots=None):
+        self.first[node] = len(self.kids)
+        self.count[node] = len(kids)
+        self.kids.extend(kids)
+        self.slots.extend(slots if slots is not None else [-1] * len(kids))
+
+    def arrays(self):
+        """``nodes`` (kind, arg, first, count) and ``fields`` (type, slot)."""
+        nodes = np.array([self.kind, self.arg, self.first, self.count], np.int64)
+        fields = np.array([self.kids, self.slots], np.int64).reshape(2, -1)
+        return np.ascontiguousarray(nodes.T), np.ascontiguousarray(fields.T)
+
+
+def _full_name(schema, namespace):
+    name = schema["name"]
+    if "." in name:
+        return name, name.rsplit(".", 1)[0]
+    namespace = schema.get("namespace", namespace)
+    return (f"{namespace}.{name}" if namespace else name), namespace
+
+
+class _Compiler:
+    """Writer schema -> tables, plus the plan of the fields to decode."""
+
+    def __init__(self, top_fields, sub_fields):
+        self.top, self.sub = top_fields, sub_fields
+        self.t = _Tables()
+        self.defs = {}  # full name -> (definition, its namespace)
+        self.n_slots = 0
+
+    def define(self, schema, namespace):
+        """Register the named types of ``schema`` (before any reference)."""
+        if isinstance(schema, list):
+            for s in schema:
+                self.define(s, namespace)
+        elif isinstance(schema, dict):
+            kind = schema.get("type")
+            if kind in ("record", "error", "enum", "fixed"):
+                full, namespace = _full_name(schema, namespace)
+                self.defs[full] = (schema, namespace)
+                for alias in schema.get("aliases", ()):
+                    self.defs.setdefault(alias, (schema, namespace))
+            if kind in ("record", "error"):
+                for f in schema["fields"]:
+                    self.define(f["type"], namespace)
+            elif kind == "array":
+                self.define(schema["items"], namespace)
+            elif kind == "map":
+                self.define(schema["values"], namespace)
+            elif isinstance(kind, dict | list):
+                self.define(kind, namespace)
+
+    def resolve(self, schema, namespace):
+        """``(definition, namespace)`` of a type, following name references."""
+        while isinstance(schema, str) and schema not in _PRIMITIVES:
+            full = schema if "." in schema or not namespace else f"{namespace}.{schema}"
+            found = self.defs.get(full) or self.defs.get(schema)
+            if found is None:
+                raise _Unsupported(f"unknown type {schema!r}")
+            schema, namespace = found
+        if isinstance(schema, dict) and isinstance(schema.get("type"), dict | list):
+            return self.resolve(schema["type"], namespace)
+        if (
+            isinstance(schema, dict)
+            and schema.get("type") in _PRIMITIVES
+            and "logicalType" not in schema
+        ):
+            return schema["type"], namespace
+        return schema, namespace
+
+    def build(self, schema, namespace):
+        """Node of a type that is skipped whole (named types shared)."""
+        schema, namespace = self.resolve(schema, namespace)
+        t = self.t
+        if isinstance(schema, str):
+            if schema not in t.primitive:
+                t.primitive[schema] = t.node(_PRIMITIVES[schema])
+            return t.primitive[schema]
+        if isinstance(schema, list):
+            node = t.node(_UNION)
+            t.children(node, [self.build(s, namespace) for s in schema])
+            return node
+        kind = schema["type"]
+        if kind in _PRIMITIVES:  # with a logical type: same bytes
+            return t.node(_PRIMITIVES[kind])
+        if kind in ("record", "error", "enum", "fixed"):
+            full, namespace = _full_name(schema, namespace)
+            if full in t.named:
+                return t.named[full]
+        if kind in ("record", "error"):
+            node = t.named[full] = t.node(_RECORD)
+            fields = [self.build(f["type"], namespace) for f in schema["fields"]]
+            t.children(node, fields)
+        elif kind == "enum":
+            node = t.named[full] = t.node(_ENUM)
+        elif kind == "fixed":
+            node = t.named[full] = t.node(_FIXED, int(schema["size"]))
+        elif kind == "array":
+            node = t.node(_ARRAY)
+            t.arg[node] = self.build(schema["items"], namespace)
+        elif kind == "map":
+            node = t.node(_MAP)
+            t.arg[node] = self.build(schema["values"], namespace)
+        else:
+            raise _Unsupported(f"unknown Avro type {kind!r}")
+        return node
+
+    def planned_record(self, schema, namespace, wanted):
+        """A fresh record node whose ``wanted`` fields get slots; its plan."""
+        t = self.t
+        node = t.node(_RECORD)
+        kids, slots, plan = [], [], []
+        for f in schema["fields"]:
+            name = f["name"]
+            if name not in wanted:
+                kids.append(self.build(f["type"], namespace))
+                slots.append(-1)
+                continue
+            slot = self.n_slots
+            self.n_slots += 1
+            sub = self.sub.get(name) if wanted is self.top else None
+            if sub is None:
+                if _has_logical_type(f["type"], self, namespace, set()):
+                    raise _Unsupported(f"field {name!r} has a logical type")
+                kids.append(self.build(f["type"], namespace))
+                plan.append((name, slot, f["type"], namespace, None))
+            else:
+                kid, subplan = self.planned_nested(f["type"], namespace, sub)
+                kids.append(kid)
+                plan.append((name, slot, f["type"], namespace, subplan))
+            slots.append(slot)
+        t.children(node, kids, slots)
+        return node, plan
+
+    def planned_nested(self, schema, namespace, wanted):
+        """A wanted field whose record keeps only some fields: the record, or
+        a union of null and that record."""
+        schema, namespace = self.resolve(schema, namespace)
+        if isinstance(schema, dict) and schema.get("type") in ("record", "error"):
+            _, inner = _full_name(schema, namespace)
+            node, plan = self.planned_record(schema, inner, wanted)
+            return node, ("record", plan)
+        if isinstance(schema, list):
+            branches = [self.resolve(s, namespace) for s in schema]
+            records = [
+                i
+                for i, (s, _) in enumerate(branches)
+                if isinstance(s, dict) and s.get("type") in ("record", "error")
+            ]
+            if len(records) != 1:
+                raise _Unsupported("a union of several records")
+            node = self.t.node(_UNION)
+            kids, plans = [], {}
+            for i, (s, ns) in enumerate(branches):
+                if i == records[0]:
+                    _, inner = _full_name(s, ns)
+                    kid, plans[i] = self.planned_record(s, inner, wanted)
+                else:
+                    if _has_logical_type(s, self, ns, set()):
+                        raise _Unsupported("a logical type in a wanted union")
+                    kid = self.build(s, ns)
+                kids.append(kid)
+            self.t.children(node, kids)
+            return node, ("union", plans)
+        # not a record: fastavro's projection keeps it whole
+        if _has_logical_type(schema, self, namespace, set()):
+            raise _Unsupported("a logical type in a wanted field")
+        return self.build(schema, namespace), None
+
+
+def _has_logical_type(schema, compiler, namespace, seen):
+    """Whether decoding ``schema`` whole meets a logical type (fastavro would
+    convert it; the Python decoder here does not)."""
+    if isinstance(schema, str):
+        if schema in _PRIMITIVES:
+            return False
+        full = schema if "." in schema or not namespace else f"{namespace}.{schema}"
+        if full in seen:
+            return False
+        seen.add(full)
+        found = compiler.defs.get(full) or compiler.defs.get(schema)
+        if found is None:
+            raise _Unsupported(f"unknown type {schema!r}")
+        return _has_logical_type(found[0], compiler, found[1], seen)
+    if isinstance(schema, list):
+        return any(_has_logical_type(s, compiler, namespace, seen) for s in schema)
+    if "logicalType" in schema:
+        return True
+    kind = schema.get("type")
+    if isinstance(kind, dict | list):
+        return _has_logical_type(kind, compiler, namespace, seen)
+    if kind in ("record", "error"):
+        _, inner = _full_name(schema, namespace)
+        return any(
+            _has_logical_type(f["type"], compiler, inner, seen)
+            for f in schema["fields"]
+        )
+    if kind == "array":
+        return _has_logical_type(schema["items"], compiler, namespace, seen)
+    if kind == "map":
+        return _has_logical_type(schema["values"], compiler, namespace, seen)
+    return False
+
+
+def _clean(schema):
+    """A schema without fastavro's ``__`` bookkeeping keys, as plain JSON."""
+    if isinstance(schema, dict):
+        return {k: _clean(v) for k, v in schema.items() if not k.startswith("__")}
+    if isinstance(schema, list):
+        return [_clean(s) for s in schema]
+    return schema
+
+
+class RecordDecoder:
+    """Decode the wanted fields of records written with one schema.
+
+    Parameters
+    ----------
+    schema : dict
+        The writer schema (a record), as JSON or parsed by fastavro.
+    top_fields : frozenset of str
+        Fields of the record to decode.
+    sub_fields : dict of str to frozenset
+        For some of those fields, whose type is a record (or a union of null
+        and a record), the only fields of it to decode.
+
+    Use :func:`record_decoder`, which returns None when numba is missing or
+    the schema needs something the walker does not do.
+    """
+
+    def __init__(self, schema, top_fields, sub_fields, walk):
+        schema = _clean(schema)
+        if not isinstance(schema, dict) or schema.get("type") not in (
+            "record",
+            "error",
+        ):
+            raise _Unsupported("not a record schema")
+        c = _Compiler(top_fields, sub_fields)
+        c.define(schema, None)
+        full, namespace = _full_name(schema, None)
+        self.root, self.plan = c.planned_record(schema, namespace, top_fields)
+        self.tables = c.t.arrays()
+        self.n_slots = c.n_slots
+        self._plan = self._readers(c, self.plan)
+        self._walk = walk
+
+    @classmethod
+    def _readers(cls, compiler, plan):
+        """The plan with a value reader for every field decoded whole."""
+        out = []
+        for name, slot, schema, namespace, subplan in plan:
+            if subplan is None:
+                out.append((name, slot, _value_reader(compiler, schema, namespace)))
+            elif subplan[0] == "record":
+                out.append((name, slot, ("record", cls._readers(compiler, subplan[1]))))
+            else:
+                resolved, ns = compiler.resolve(schema, namespace)
+                branches = {
+                    i: ("record", cls._readers(compiler, subplan[1][i]))
+                    if i in subplan[1]
+                    else _value_reader(compiler, s, ns)
+                    for i, s in enumerate(resolved)
+                }
+                out.append((name, slot, ("union", branches)))
+        return out
+
+    def read(self, buf, pos=0):
+        """Decode one record of ``buf`` (bytes) at ``pos``: ``(record, next
+        position)``. Raises ValueError for data that do not fit the schema."""
+        data = np.frombuffer(buf, dtype=np.uint8)
+        out = np.full((max(self.n_slots, 1), 2), -1, dtype=np.int64)
+        stop = self._walk(data, pos, len(data), self.root, *self.tables, out)
+        if stop < 0:
+            raise ValueError("Avro record does not fit its schema (corrupt or cut off)")
+        return self._fields(buf, self._plan, out), int(stop)
+
+    def _fields(self, buf, plan, out):
+        record = {}
+        for name, slot, read in plan:
+            pos = int(out[slot, 0])
+            if not isinstance(read, tuple):
+                record[name] = read(buf, pos)[0]
+                continue
+            if read[0] == "union":  # the branch index, then the branch
+                branch, pos = _py_long(buf, pos)
+                read = read[1][branch]
+                if not isinstance(read, tuple):
+                    record[name] = read(buf, pos)[0]
+                    continue
+            record[name] = self._fields(buf, read[1], out)
+        return record
+
+
+_unpack_float = struct.Struct("<f").unpack_from
+_unpack_double = struct.Struct("<d").unpack_from
+
+
+def _py_long(buf, pos):
+    """(value, next position) of a zig-zag varint of ``buf`` (bytes)."""
+    b = buf[pos]
+    if b < 0x80:  # one byte: most union indices, counts and small ints
+        return (b >> 1) ^ -(b & 1), pos + 1
+    result, shift = b & 0x7F, 7
+    while True:
+        pos += 1
+        b = buf[pos]
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (result >> 1) ^ -(result & 1), pos + 1
+        shift += 7
+
+
+def _read_null(buf, pos):
+    return None, pos
+
+
+def _read_boolean(buf, pos):
+    return buf[pos] != 0, pos + 1
+
+
+def _read_float(buf, pos):
+    return _unpack_float(buf, pos)[0], pos + 4
+
+
+def _read_double(buf, pos):
+    return _unpack_double(buf, pos)[0], pos + 8
+
+
+def _read_bytes(buf, pos):
+    n, pos = _py_long(buf, pos)
+    return buf[pos : pos + n], pos + n
+
+
+def _read_string(buf, pos):
+    n, pos = _py_long(buf, pos)
+    return buf[pos : pos + n].decode(), pos + n
+
+
+_PRIMITIVE_READERS = {
+    "null": _read_null,
+    "boolean": _read_boolean,
+    "int": _py_long,
+    "long": _py_long,
+    "float": _read_float,
+    "double": _read_double,
+    "bytes": _read_bytes,
+    "string": _read_string,
+}
+
+
+def _value_reader(compiler, schema, namespace, building=None):
+    """A function ``(buf, pos) -> (value, next position)`` decoding a whole
+    value of ``schema`` as fastavro does (no logical types)."""
+    building = {} if building is None else building
+    schema, namespace = compiler.resolve(schema, namespace)
+    if isinstance(schema, str):
+        return _PRIMITIVE_READERS[schema]
+    if isinstance(schema, list):
+        branches = [_value_reader(compiler, s, namespace, building) for s in schema]
+
+        def read_union(buf, pos):
+            index, pos = _py_long(buf, pos)
+            return branches[index](buf, pos)
+
+        return read_union
+    kind = schema["type"]
+    if kind in _PRIMITIVE_READERS:
+        return _PRIMITIVE_READERS[kind]
+    if kind in ("record", "error", "enum", "fixed"):
+        full, inner = _full_name(schema, namespace)
+        if full in building:  # a recursive type: look it up when called
+            return lambda buf, pos: building[full](buf, pos)
+    if kind == "fixed":
+        size = int(schema["size"])
+        return lambda buf, pos: (buf[pos : pos + size], pos + size)
+    if kind == "enum":
+        symbols = list(schema["symbols"])
+
+        def read_enum(buf, pos):
+            index, pos = _py_long(buf, pos)
+            return symbols[index], pos
+
+        return read_enum
+    if kind in ("record", "error"):
+        fields = []
+
+        def read_record(buf, pos):
+            record = {}
+            for name, read in fields:
+                record[name], pos = read(buf, pos)
+            return record, pos
+
+        building[full] = read_record
+        fields.extend(
+            (f["name"], _value_reader(compiler, f["type"], inner, building))
+            for f in schema["fields"]
+        )
+        return read_record
+    if kind in ("array", "map"):
+        is_map = kind == "map"
+        item = _value_reader(
+            compiler, schema["values" if is_map else "items"], namespace, building
+        )
+
+        def read_blocks(buf, pos):
+            items = {} if is_map else []
+            while True:
+                n, pos = _py_long(buf, pos)
+                if n == 0:
+                    return items, pos
+                if n < 0:
+                    n = -n
+                    _, pos = _py_long(buf, pos)
+                for _ in range(n):
+                    if is_map:
+                        key, pos = _read_string(buf, pos)
+                        items[key], pos = item(buf, pos)
+                    else:
+                        value, pos = item(buf, pos)
+                        items.append(value)
+
+        return read_blocks
+    raise _Unsupported(f"unknown Avro type {kind!r}")
+
+
+def record_decoder(schema, top_fields, sub_fields):
+    """A :class:`RecordDecoder` for ``schema``, or None (decode with fastavro).
+
+    None when numba is not installed or the schema needs what the walker
+    does not do.
+    """
+    walk = _jitted()
+    if walk is None:
+        return None
+    try:
+        return RecordDecoder(schema, top_fields, sub_fields, walk)
+    except (_Unsupported, KeyError, TypeError, ValueError):
+        return None
