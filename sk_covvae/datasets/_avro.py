@@ -492,12 +492,12 @@ class RecordDecoder:
         stop = self._walk(data, pos, len(data), self.root, *self.tables, out)
         if stop < 0:
             raise ValueError("Avro record does not fit its schema (corrupt or cut off)")
-        return self._fields(buf, self._plan, out), int(stop)
+        return self._fields(buf, self._plan, out.tolist()), int(stop)
 
     def _fields(self, buf, plan, out):
         record = {}
         for name, slot, read in plan:
-            pos = int(out[slot, 0])
+            pos = out[slot][0]
             if not isinstance(read, tuple):
                 record[name] = read(buf, pos)[0]
                 continue
@@ -579,6 +579,9 @@ def _value_reader(compiler, schema, namespace, building=None):
         branches = [_value_reader(compiler, s, namespace, building) for s in schema]
 
         def read_union(buf, pos):
+            b = buf[pos]
+            if b < 0x80:  # a one-byte index (zig-zag: 2 * index)
+                return branches[b >> 1](buf, pos + 1)
             index, pos = _py_long(buf, pos)
             return branches[index](buf, pos)
 
