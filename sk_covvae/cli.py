@@ -305,7 +305,20 @@ def _add_score_parser(sub):
         default="cpu",
         help="torch device of a CovarianceVAE.save model (default: cpu)",
     )
+    score.add_argument(
+        "--torch-threads",
+        type=_torch_threads,
+        default="auto",
+        metavar="N",
+        help="threads torch scores with (default: auto, all cores but one, "
+        "which the reader thread uses meanwhile)",
+    )
     score.set_defaults(func=_score)
+
+
+def _torch_threads(value):
+    """``--torch-threads``: 'auto' or a positive int."""
+    return value if value == "auto" else _positive_int(value)
 
 
 def _progress_bar():
@@ -364,6 +377,7 @@ def _score(args):
                     engine=args.engine,
                     scheduler=args.scheduler,
                     device=args.device,
+                    torch_threads=args.torch_threads,
                     progress=progress,
                 )
             finally:

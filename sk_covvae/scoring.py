@@ -596,6 +596,36 @@ def read_metadata(path):
 # --------------------------------------------------------------------------
 
 
+def _check_torch_threads(n):
+    """``torch_threads`` as a number of threads, or None."""
+    if n is None:
+        return None
+    if isinstance(n, str) and n == "auto":
+        return max(1, (os.cpu_count() or 1) - 1)
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(
+            f"torch_threads must be None, 'auto' or a positive int, got {n!r}."
+        )
+    return int(n)
+
+
+@contextlib.contextmanager
+def _torch_threads(n):
+    """Run the block with torch using ``n`` threads (None: as it is), then
+    restore the previous setting."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _check_options(batch_size, on_error, engine, method):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
@@ -630,6 +660,7 @@ def score_alerts(
     scheduler=None,
     files_per_task=None,
     device="cpu",
+    torch_threads=None,
     progress=None,
 ):
     """Score alert files with a model and write one Parquet table.
@@ -688,6 +719,15 @@ def score_alerts(
         split into about four tasks per worker, at most ``batch_size`` each.
     device : str, default='cpu'
         Torch device of a model read from a ``CovarianceVAE.save`` file.
+    torch_threads : int or 'auto', optional
+        With ``engine='local'``: the threads torch uses while this call
+        scores (``torch.set_num_threads``, restored when it returns; a
+        process-wide setting, hence opt-in). The alerts of the next batch
+        are read in a thread while the model scores the current one, and on
+        a CPU the two overlap only when torch leaves the reader a core:
+        ``'auto'`` uses ``os.cpu_count() - 1`` threads (at least one), which
+        ``covvae score`` passes. None (the default) leaves torch's setting
+        alone. Irrelevant to a model on a GPU.
     progress : callable, optional
         Called as ``progress(n_alerts, n_files_done, n_files)`` after each
         batch (local) or task (dask); nothing is printed otherwise.
@@ -726,6 +766,7 @@ def score_alerts(
     """
     start = time.perf_counter()
     _check_options(batch_size, on_error, engine, method)
+    torch_threads = _check_torch_threads(torch_threads)
     model_path = os.fspath(model)
     estimator, sha256 = load_model(model_path, device=device)
     shape = model_input_shape(estimator)
@@ -748,7 +789,8 @@ def score_alerts(
     sink = _ParquetSink(out, n_latent)
     try:
         if engine == "local":
-            skipped = _run_local(estimator, files, options, sink, progress)
+            with _torch_threads(torch_threads):
+                skipped = _run_local(estimator, files, options, sink, progress)
         else:
             skipped = _run_dask(
                 estimator, files, options, sink, progress, scheduler, files_per_task

@@ -259,11 +259,65 @@ def test_model_without_anomaly_score_is_refused(tmp_path):
         ({"batch_size": 0}, "batch_size"),
         ({"on_error": "ignore"}, "on_error"),
         ({"engine": "ray"}, "engine"),
+        ({"torch_threads": 0}, "torch_threads"),
+        ({"torch_threads": "all"}, "torch_threads"),
+        ({"torch_threads": True}, "torch_threads"),
     ],
 )
 def test_bad_options(ztf_model, ztf_files, tmp_path, option, match):
     with pytest.raises(ValueError, match=match):
         score_alerts(ztf_model[0], [ztf_files], tmp_path / "x.parquet", **option)
+
+
+def test_torch_threads_hold_for_the_call_only(
+    ztf_scored, ztf_model, ztf_files, tmp_path, monkeypatch
+):
+    import torch
+
+    from sk_covvae import scoring
+
+    seen, score_X = [], scoring._score_X
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return score_X(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_score_X", spy)
+    before = torch.get_num_threads()
+    out = tmp_path / "t.parquet"
+    score_alerts(
+        ztf_model[0], [ztf_files], out, batch_size=16, latents=True, torch_threads=1
+    )
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    seen.clear()
+    score_alerts(ztf_model[0], [ztf_files], out, batch_size=16, torch_threads="auto")
+    assert set(seen) == {max(1, (os.cpu_count() or 1) - 1)}
+    seen.clear()
+    score_alerts(ztf_model[0], [ztf_files], out, batch_size=16)
+    assert set(seen) == {before}
+
+
+def test_only_the_cutouts_the_model_reads_are_decoded(
+    ztf_model, ztf_files, tmp_path, monkeypatch
+):
+    from sk_covvae.datasets import _readers
+
+    decoded, read_cutout = [], _readers.read_cutout
+
+    def spy(data):
+        decoded.append(data)
+        return read_cutout(data)
+
+    monkeypatch.setattr(_readers, "read_cutout", spy)
+    summary = score_alerts(ztf_model[0], [ztf_files], tmp_path / "d.parquet")
+    # the pipeline keeps the difference plane (channels=[2]): one per alert
+    assert len(decoded) == summary.n_alerts == N_ZTF
+    stamps = []
+    for path in sorted(ztf_files.iterdir()):
+        with open(path, "rb") as f:
+            stamps.append(next(fastavro.reader(f))["cutoutDifference"]["stampData"])
+    assert decoded == stamps
 
 
 # --------------------------------------------------------------------------
@@ -307,6 +361,15 @@ def test_cli_score_bad_model_and_no_input(ztf_model, tmp_path, capsys):
     status = main(["score", model, str(empty), "--out", out, "--on-error", "skip"])
     assert status == 1
     assert "no readable alert" in capsys.readouterr().err
+
+
+def test_cli_score_torch_threads(ztf_model, ztf_files, tmp_path, capsys):
+    args = ["score", str(ztf_model[0]), str(ztf_files), "--out"]
+    assert main([*args, str(tmp_path / "a.parquet"), "--torch-threads", "1"]) == 0
+    with pytest.raises(SystemExit) as info:
+        main([*args, str(tmp_path / "b.parquet"), "--torch-threads", "0"])
+    assert info.value.code == 2
+    assert "--torch-threads" in capsys.readouterr().err
 
 
 def test_cli_score_needs_out(ztf_model, capsys):
