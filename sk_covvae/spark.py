@@ -76,7 +76,9 @@ def _position(value):
     return None if np.isnan(value) else value
 
 
-def stamps_from_cutouts(cutouts, size, positions=None, on_error="raise"):
+def stamps_from_cutouts(
+    cutouts, size, positions=None, on_error="raise", channels=(0, 1, 2)
+):
     """Stack the FITS cutouts of alerts into stamps as the readers do.
 
     Parameters
@@ -92,6 +94,9 @@ def stamps_from_cutouts(cutouts, size, positions=None, on_error="raise"):
         the candidate in cutouts clipped at the CCD edge; None: the centre.
     on_error : {'raise', 'nan'}, default='raise'
         An undecodable cutout raises, or marks its alert as failed.
+    channels : collection of int, default=(0, 1, 2)
+        The cutouts to decode (0: science, 1: template, 2: difference); the
+        planes of the others stay NaN and their bytes are not looked at.
 
     Returns
     -------
@@ -110,9 +115,10 @@ def stamps_from_cutouts(cutouts, size, positions=None, on_error="raise"):
     variance = None
     ok = np.ones(n, dtype=bool)
     ys, xs = positions if positions is not None else ([None] * n, [None] * n)
+    decoded = sorted(set(channels))
     for i in range(n):
         ypos, xpos = _position(ys[i]), _position(xs[i])
-        for c in range(3):
+        for c in decoded:
             data = _cutout_bytes(columns[c][i])
             if data is None:
                 continue
@@ -145,7 +151,10 @@ def make_score_udf(
     score of each alert, as :func:`~sk_covvae.scoring.score_alerts` computes
     it. The cutouts are decoded with the package's FITS reader (gzip or not;
     Rubin's ``UNCERT`` planes become the variance planes of six-channel
-    models) and centred on stamps of the size the model reads.
+    models) and centred on stamps of the size the model reads; only the
+    cutouts the model reads are decoded
+    (:func:`~sk_covvae.scoring.model_channels`), so a corrupt cutout that
+    the model does not read fails no alert.
 
     The model file is read on the driver (to check it and take its hash)
     and in each Python worker once (a per-process cache keyed by path and
@@ -186,7 +195,14 @@ def make_score_udf(
     """
     import pandas as pd
 
-    from sk_covvae.scoring import _score_X, load_model, model_input_shape, stamps_to_X
+    from sk_covvae.datasets import ALERT_CHANNELS
+    from sk_covvae.scoring import (
+        _score_X,
+        load_model,
+        model_channels,
+        model_input_shape,
+        stamps_to_X,
+    )
 
     pandas_udf = require(
         "pyspark.sql.functions", "sk_covvae.spark", "pyspark", extra="spark"
@@ -198,6 +214,8 @@ def make_score_udf(
     path = os.path.abspath(os.fspath(model_path))
     model, sha256 = load_model(path, device=device)
     shape = model_input_shape(model)
+    # the cutouts the model reads (score_alerts decodes no other either)
+    decoded = [ALERT_CHANNELS.index(c) for c in model_channels(model, shape)]
     _MODELS.setdefault((path, sha256, device), model)
     latents = output == "latents"
 
@@ -213,7 +231,7 @@ def make_score_udf(
         if len(columns) == 5:
             positions = (list(columns[3]), list(columns[4]))
         images, variance, ok = stamps_from_cutouts(
-            cutouts, shape[1:], positions, on_error
+            cutouts, shape[1:], positions, on_error, decoded
         )
         n = len(ok)
         result = [None] * n

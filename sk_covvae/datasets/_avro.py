@@ -47,6 +47,9 @@ _PRIMITIVES = {
 }
 
 _RECORDS = ("record", "error")
+# How a wanted field is decoded: whole, as a record of wanted fields, or as a
+# union whose branches are one or the other.
+_LEAF, _SUB, _UNION_SUB = 0, 1, 2
 
 #: Returned by the walker for data that do not fit the schema.
 _CORRUPT = -1
@@ -469,19 +472,20 @@ class RecordDecoder:
         """The plan with a value reader for every field decoded whole."""
         out = []
         for name, slot, schema, namespace, subplan in plan:
-            if subplan is None:
-                out.append((name, slot, _value_reader(compiler, schema, namespace)))
-            elif subplan[0] == "record":
-                out.append((name, slot, ("record", cls._readers(compiler, subplan[1]))))
-            else:
+            if subplan is None:  # decoded whole
+                read = _value_reader(compiler, schema, namespace)
+                out.append((name, slot, _LEAF, read))
+            elif subplan[0] == "record":  # a record of wanted fields
+                out.append((name, slot, _SUB, cls._readers(compiler, subplan[1])))
+            else:  # a union: records of wanted fields, other branches whole
                 resolved, ns = compiler.resolve(schema, namespace)
-                branches = {
-                    i: ("record", cls._readers(compiler, subplan[1][i]))
+                branches = [
+                    (_SUB, cls._readers(compiler, subplan[1][i]))
                     if i in subplan[1]
-                    else _value_reader(compiler, s, ns)
+                    else (_LEAF, _value_reader(compiler, s, ns))
                     for i, s in enumerate(resolved)
-                }
-                out.append((name, slot, ("union", branches)))
+                ]
+                out.append((name, slot, _UNION_SUB, branches))
         return out
 
     def read(self, buf, pos=0):
@@ -496,18 +500,15 @@ class RecordDecoder:
 
     def _fields(self, buf, plan, out):
         record = {}
-        for name, slot, read in plan:
+        for name, slot, kind, read in plan:
             pos = out[slot][0]
-            if not isinstance(read, tuple):
-                record[name] = read(buf, pos)[0]
-                continue
-            if read[0] == "union":  # the branch index, then the branch
+            if kind == _UNION_SUB:  # the branch index, then the branch
                 branch, pos = _py_long(buf, pos)
-                read = read[1][branch]
-                if not isinstance(read, tuple):
-                    record[name] = read(buf, pos)[0]
-                    continue
-            record[name] = self._fields(buf, read[1], out)
+                kind, read = read[branch]
+            if kind == _LEAF:
+                record[name] = read(buf, pos)[0]
+            else:
+                record[name] = self._fields(buf, read, out)
         return record
 
 
@@ -556,6 +557,39 @@ def _read_string(buf, pos):
     return buf[pos : pos + n].decode(), pos + n
 
 
+def _nullable(read):
+    """A reader of the union ``["null", T]`` given the reader of ``T``."""
+
+    def read_nullable(buf, pos):
+        b = buf[pos]
+        if b == 0:  # branch 0: null
+            return None, pos + 1
+        if b == 2:  # branch 1
+            return read(buf, pos + 1)
+        index, pos = _py_long(buf, pos)  # not a valid index: the walker said so
+        raise ValueError(f"union index {index} out of range")
+
+    return read_nullable
+
+
+def _nullable_double(buf, pos):
+    b = buf[pos]
+    if b == 2:
+        return _unpack_double(buf, pos + 1)[0], pos + 9
+    if b == 0:
+        return None, pos + 1
+    raise ValueError("union index out of range")
+
+
+def _nullable_float(buf, pos):
+    b = buf[pos]
+    if b == 2:
+        return _unpack_float(buf, pos + 1)[0], pos + 5
+    if b == 0:
+        return None, pos + 1
+    raise ValueError("union index out of range")
+
+
 _PRIMITIVE_READERS = {
     "null": _read_null,
     "boolean": _read_boolean,
@@ -565,6 +599,14 @@ _PRIMITIVE_READERS = {
     "double": _read_double,
     "bytes": _read_bytes,
     "string": _read_string,
+}
+_NULLABLE = {
+    _read_double: _nullable_double,
+    _read_float: _nullable_float,
+    **{
+        read: _nullable(read)
+        for read in (_py_long, _read_boolean, _read_bytes, _read_string)
+    },
 }
 
 
@@ -577,6 +619,10 @@ def _value_reader(compiler, schema, namespace, building=None):
         return _PRIMITIVE_READERS[schema]
     if isinstance(schema, list):
         branches = [_value_reader(compiler, s, namespace, building) for s in schema]
+        if len(branches) == 2 and branches[0] is _read_null:
+            nullable = _NULLABLE.get(branches[1])
+            if nullable is not None:  # ["null", primitive]: most alert fields
+                return nullable
 
         def read_union(buf, pos):
             b = buf[pos]
