@@ -17,14 +17,13 @@ import zlib
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from sklearn.utils import Bunch
 
 from sk_covvae._optional import require as _require
 from sk_covvae.datasets._alerts import ZTF_CUTOUT_SIZE, _centre
-from sk_covvae.datasets._avro import RecordDecoder, record_decoder
+from sk_covvae.datasets._avro import record_decoder
 from sk_covvae.datasets._fits import FITSError, read_cutout
 
 #: Order of the three planes of every stamp in ``images`` and ``variance``.
@@ -67,6 +66,10 @@ _PARQUET_BATCH = 256
 #: Whether Avro records go through the compiled decoder (sk_covvae.datasets
 #: ._avro) when numba is installed; the tests turn it off to compare.
 _FAST_DECODER = True
+#: Avro records decoded by fastavro in this process before the compiled
+#: decoder takes over (the tests set 0), and the count so far.
+_FAST_AFTER = 2000
+_RECORDS_DECODED = [0]
 
 
 class AlertReadError(ValueError):
@@ -122,20 +125,40 @@ def _project(schema):
     return {**schema, "fields": fields}
 
 
-class _Schemas(NamedTuple):
-    """How to decode records written with one Avro schema."""
+class _Schemas:
+    """How to decode the records written with one Avro schema.
 
-    #: fastavro's parsed writer schema.
-    writer: dict
-    #: The projection on the fields the readers use (None: read everything).
-    reader: dict | None
-    #: The compiled decoder of those fields (None: fastavro decodes).
-    fast: RecordDecoder | None
+    fastavro decodes the first :data:`_FAST_AFTER` records of the process;
+    then the compiled decoder (:mod:`sk_covvae.datasets._avro`) is built and
+    takes over, when numba is installed and the schema suits it. The
+    compiler's start-up (about a second) pays off only on longer reads.
+    """
+
+    __slots__ = ("schema", "writer", "reader", "_fast")
+
+    def __init__(self, schema, writer, reader):
+        self.schema = schema
+        #: fastavro's parsed writer schema.
+        self.writer = writer
+        #: The projection on the fields the readers use (None: everything).
+        self.reader = reader
+        self._fast = None if reader is not None else False
+
+    @property
+    def fast(self):
+        """The compiled decoder, or None (built on first use)."""
+        if self._fast is None:
+            self._fast = record_decoder(self.schema, _TOP_FIELDS, _SUB_FIELDS) or False
+        return self._fast or None
 
     def read(self, buf, pos, fastavro):
         """``(record, next position)`` of the record of ``buf`` at ``pos``."""
-        if self.fast is not None:
-            return self.fast.read(buf, pos)
+        if _FAST_DECODER and _RECORDS_DECODED[0] >= _FAST_AFTER:
+            fast = self.fast
+            if fast is not None:
+                return fast.read(buf, pos)
+        else:
+            _RECORDS_DECODED[0] += 1
         f = io.BytesIO(buf)
         f.seek(pos)
         return fastavro.schemaless_reader(f, self.writer, self.reader), f.tell()
@@ -150,10 +173,7 @@ def _parse_schemas(schema):
         reader = None if projected is None else fastavro.parse_schema(projected)
     except Exception:  # e.g. a kept field refers to a type defined in a dropped one
         reader = None
-    fast = None
-    if reader is not None and _FAST_DECODER:
-        fast = record_decoder(schema, _TOP_FIELDS, _SUB_FIELDS)
-    return _Schemas(writer, reader, fast)
+    return _Schemas(schema, writer, reader)
 
 
 @functools.lru_cache(maxsize=64)
