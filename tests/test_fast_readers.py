@@ -21,9 +21,7 @@ import warnings
 import zlib
 from pathlib import Path
 
-import fastavro
 import numpy as np
-import pandas as pd
 import pytest
 from conftest import TINY_MODEL, shared
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +29,13 @@ from hypothesis import strategies as st
 
 from sk_covvae.datasets import _avro, _fits, _readers, iter_alerts, read_alerts
 from sk_covvae.datasets._fits import FITSError, read_fits_images
+
+fastavro = pytest.importorskip("fastavro")
+pd = pytest.importorskip("pandas")
+pytest.importorskip("numba")  # the compiled walker (the astro extra)
+
+# Tiny models fitted for model_channels: their latents may collapse.
+pytestmark = pytest.mark.filterwarnings("ignore::sk_covvae.LatentCollapseWarning")
 
 CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 CHANNELS = ("science", "template", "difference")
@@ -499,12 +504,15 @@ SHARED_TYPE = {
 
 def test_named_record_projected_in_one_field_and_decoded_whole_in_another():
     """``Obj`` keeps only ``diaObjectId`` under ``diaObject``; fastavro's
-    projected reader schema redefines ``Obj`` so, for ``objectId`` too."""
+    projected reader schema redefines ``Obj`` so, for ``objectId`` too. The
+    compiler refuses the schema, so fastavro decodes it on both paths."""
+    from sk_covvae.datasets._readers import _SUB_FIELDS, _TOP_FIELDS
+
+    assert _avro.record_decoder(SHARED_TYPE, _TOP_FIELDS, _SUB_FIELDS) is None
     raw = zz(1) + zz(5) + zz(6) + zz(1) + zz(7) + zz(8)
-    got, stop = decoder(SHARED_TYPE).read(raw, 0)
     want, end = reference(SHARED_TYPE, raw)
-    assert stop == end == len(raw)
-    assert got == want
+    assert end == len(raw)
+    assert want["objectId"] == {"diaObjectId": 7}
 
 
 # --------------------------------------------------------------------------

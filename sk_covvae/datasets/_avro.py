@@ -71,7 +71,7 @@ def _read_long(buf, pos, end):
     while True:
         if pos >= end or shift > 63:
             return 0, _CORRUPT
-        b = buf[pos]
+        b = int(buf[pos])  # not a uint8: the shifts below need 64 bits
         pos += 1
         result |= (b & 0x7F) << shift
         if b < 0x80:
@@ -87,10 +87,11 @@ def _walk(buf, pos, end, node, nodes, fields, out):
     fields and a union's branches are ``fields[first : first + count]``,
     each ``(type, slot)``. Fields with a slot >= 0 write ``(start, stop)``
     to ``out[slot]``. Returns -1 when the data run past ``end`` or do not
-    fit the schema, -2 when the types nest deeper than the walker's stack.
+    fit the schema.
     Iterative (a stack of open records, arrays and maps), plain Python
     here; :func:`_jitted` compiles it, and the tests also run it as it is.
     """
+    start = pos
     depth = 64
     stack = np.zeros((depth, 3), dtype=np.int64)  # node, next field, items left
     sp = 0
@@ -106,16 +107,28 @@ def _walk(buf, pos, end, node, nodes, fields, out):
                 continue
             break
         if k == 8 or k == 9 or k == 10:  # record, array, map: open a frame
-            if sp == depth:
-                return -2
+            if sp == depth:  # deeper: a larger stack
+                # Records nest in records at most once per record type unless
+                # a union (one byte at least) lies between: a stack deeper
+                # than that means a type that holds itself and no data end.
+                if depth > pos - start + len(nodes):
+                    return _CORRUPT
+                larger = np.zeros((2 * depth, 3), dtype=np.int64)
+                larger[:depth] = stack
+                stack = larger
+                depth *= 2
             stack[sp, 0] = node
             stack[sp, 1] = nodes[node, 2]
             stack[sp, 2] = 0
             sp += 1
         elif k == 1:  # boolean
             pos += 1
-        elif k == 2 or k == 7:  # int, long, enum
+        elif k == 2:  # int, long
             _, pos = _read_long(buf, pos, end)
+        elif k == 7:  # enum: an index among ``arg`` symbols
+            index, pos = _read_long(buf, pos, end)
+            if index < 0 or index >= nodes[node, 1]:
+                return _CORRUPT
         elif k == 3:  # float
             pos += 4
         elif k == 4:  # double
@@ -250,6 +263,8 @@ class _Compiler:
         self.t = _Tables()
         self.defs = {}  # full name -> (definition, its namespace)
         self.n_slots = 0
+        self.leaves = []  # (type, namespace) of the fields decoded whole
+        self.trimmed = set()  # record types of which some fields are decoded
 
     def define(self, schema, namespace):
         """Register the named types of ``schema`` (before any reference)."""
@@ -315,7 +330,7 @@ class _Compiler:
             fields = [self.build(f["type"], namespace) for f in schema["fields"]]
             t.children(node, fields)
         elif kind == "enum":
-            node = t.named[full] = t.node(_ENUM)
+            node = t.named[full] = t.node(_ENUM, len(schema["symbols"]))
         elif kind == "fixed":
             node = t.named[full] = t.node(_FIXED, int(schema["size"]))
         elif kind == "array":
@@ -345,6 +360,7 @@ class _Compiler:
             if sub is None:
                 if _has_logical_type(f["type"], self, namespace, set()):
                     raise _Unsupported(f"field {name!r} has a logical type")
+                self.leaves.append((f["type"], namespace))
                 kids.append(self.build(f["type"], namespace))
                 plan.append((name, slot, f["type"], namespace, None))
             else:
@@ -360,7 +376,8 @@ class _Compiler:
         a union of null and that record."""
         schema, namespace = self.resolve(schema, namespace)
         if isinstance(schema, dict) and schema.get("type") in ("record", "error"):
-            _, inner = _full_name(schema, namespace)
+            full, inner = _full_name(schema, namespace)
+            self.trimmed.add(full)
             node, plan = self.planned_record(schema, inner, wanted)
             return node, ("record", plan)
         if isinstance(schema, list):
@@ -376,11 +393,13 @@ class _Compiler:
             kids, plans = [], {}
             for i, (s, ns) in enumerate(branches):
                 if i == records[0]:
-                    _, inner = _full_name(s, ns)
+                    full, inner = _full_name(s, ns)
+                    self.trimmed.add(full)
                     kid, plans[i] = self.planned_record(s, inner, wanted)
                 else:
                     if _has_logical_type(s, self, ns, set()):
                         raise _Unsupported("a logical type in a wanted union")
+                    self.leaves.append((s, ns))
                     kid = self.build(s, ns)
                 kids.append(kid)
             self.t.children(node, kids)
@@ -388,7 +407,16 @@ class _Compiler:
         # not a record: fastavro's projection keeps it whole
         if _has_logical_type(schema, self, namespace, set()):
             raise _Unsupported("a logical type in a wanted field")
+        self.leaves.append((schema, namespace))
         return self.build(schema, namespace), None
+
+    def check(self):
+        """Refuse a record type trimmed in one wanted field and decoded
+        whole in another: fastavro's projection trims it in both."""
+        for schema, namespace in self.leaves:
+            used = _named_types(schema, self, namespace, set())
+            if used & self.trimmed:
+                raise _Unsupported(f"{sorted(used & self.trimmed)} trimmed and whole")
 
 
 def _has_logical_type(schema, compiler, namespace, seen):
@@ -423,6 +451,38 @@ def _has_logical_type(schema, compiler, namespace, seen):
     if kind == "map":
         return _has_logical_type(schema["values"], compiler, namespace, seen)
     return False
+
+
+def _named_types(schema, compiler, namespace, seen):
+    """Full names of the named types that decoding ``schema`` whole meets."""
+    if isinstance(schema, str):
+        if schema in _PRIMITIVES:
+            return seen
+        full = schema if "." in schema or not namespace else f"{namespace}.{schema}"
+        found = compiler.defs.get(full) or compiler.defs.get(schema)
+        if found is None:
+            raise _Unsupported(f"unknown type {schema!r}")
+        return _named_types(found[0], compiler, found[1], seen)
+    if isinstance(schema, list):
+        for s in schema:
+            _named_types(s, compiler, namespace, seen)
+        return seen
+    kind = schema.get("type")
+    if isinstance(kind, dict | list):
+        return _named_types(kind, compiler, namespace, seen)
+    if kind in ("record", "error", "enum", "fixed"):
+        full, inner = _full_name(schema, namespace)
+        if full in seen:
+            return seen
+        seen.add(full)
+        if kind in ("record", "error"):
+            for f in schema["fields"]:
+                _named_types(f["type"], compiler, inner, seen)
+    elif kind == "array":
+        _named_types(schema["items"], compiler, namespace, seen)
+    elif kind == "map":
+        _named_types(schema["values"], compiler, namespace, seen)
+    return seen
 
 
 def _clean(schema):
@@ -462,6 +522,7 @@ class RecordDecoder:
         c.define(schema, None)
         full, namespace = _full_name(schema, None)
         self.root, self.plan = c.planned_record(schema, namespace, top_fields)
+        c.check()
         self.tables = c.t.arrays()
         self.n_slots = c.n_slots
         self._plan = self._readers(c, self.plan)

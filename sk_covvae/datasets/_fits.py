@@ -115,10 +115,10 @@ def _parse_cards(text):
     """The cards of :data:`_KEYS` (and NAXISn) among the header cards ``text``."""
     cards = {}
     for i in range(0, len(text), CARD):
-        key = text[i : i + 8].rstrip(b" ")
+        key = text[i : i + 8].rstrip(b" ").upper()  # astropy ignores the case
         if key in _KEYS or (key[:5] == b"NAXIS" and _NAXIS_N.fullmatch(key)):
-            if text[i + 8 : i + 10] == b"= " and key not in cards:
-                # the first of repeated keywords wins, as in astropy
+            if text[i + 8 : i + 10] == b"= ":
+                # the last of repeated keywords wins, as astropy reads the data
                 cards[key] = _value(text[i + 10 : i + CARD])
     return cards
 

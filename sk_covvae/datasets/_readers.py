@@ -683,6 +683,13 @@ def _check_channels(channels):
         return (True, True, True)
     if isinstance(channels, str | int | np.integer):
         channels = [channels]
+    try:
+        channels = list(channels)
+    except TypeError:
+        raise ValueError(
+            f"channels must be a list of cutout names {ALERT_CHANNELS} or "
+            f"indices 0 to 2, got {channels!r}."
+        ) from None
     wanted = set()
     for c in channels:
         if isinstance(c, str) and c in ALERT_CHANNELS:
