@@ -47,6 +47,8 @@ _END = b"END     "
 # The dicts are shared: nothing may change them.
 _HEADERS = {}
 _MAX_HEADERS = 1024
+# The HDU lists of one-HDU files by (header cards, file size): see _hdus.
+_LAYOUTS = {}
 _INT = re.compile(rb"[+-]?\d+")
 
 
@@ -194,9 +196,29 @@ def _hdu_data(buf, index, cards, start, nbytes):
     return data
 
 
+def _hdus(buf):
+    """The HDUs of ``_iter_hdus(buf)`` as a list, looked up for a file of one
+    HDU whose header and size were seen before (the HDUs depend on nothing
+    else when the data end the file)."""
+    end = buf.find(_END, 0, BLOCK)
+    if end == -1 or end % CARD:
+        return list(_iter_hdus(buf))
+    key = (bytes(buf[:end]), len(buf))
+    hdus = _LAYOUTS.get(key)
+    if hdus is None:
+        hdus = list(_iter_hdus(buf))
+        if len(hdus) == 1:
+            _, _, _, start, nbytes = hdus[0]
+            if start + -(-nbytes // BLOCK) * BLOCK == len(buf):
+                if len(_LAYOUTS) >= _MAX_HEADERS:
+                    _LAYOUTS.clear()
+                _LAYOUTS[key] = hdus
+    return hdus
+
+
 def _fast_images(buf, names):
     out = {}
-    for index, name, cards, start, nbytes in _iter_hdus(buf):
+    for index, name, cards, start, nbytes in _hdus(buf):
         if cards.get(b"ZIMAGE"):
             raise _Unsupported("tile-compressed image")
         if index > 0 and cards.get(b"XTENSION") != "IMAGE":
