@@ -224,13 +224,17 @@ def test_fast_decoder_on_lsst_alert_packet_samples():
 
 
 def walk_both(dec, buf, start):
-    """(stop, slots) of the compiled walker and of ``_walk`` run as it is."""
+    """(stop, slots, leaf values) of the compiled walker and leaf decoder,
+    and of ``_walk`` and ``_leaves`` run as they are."""
     data = np.frombuffer(buf, dtype=np.uint8)
     results = []
-    for walk, arg in ((_avro._jitted(), data), (_avro._walk, data)):
-        out = np.full((max(dec.n_slots, 1), 2), -1, dtype=np.int64)
-        stop = walk(arg, start, len(data), dec.root, *dec.tables, out)
-        results.append((int(stop), out))
+    for walk, leaves in (_avro._jitted(), (_avro._walk, _avro._leaves)):
+        n = dec.n_slots
+        out = np.full((n, 2), -1, dtype=np.int64)
+        stop = walk(data, start, len(data), dec.root, *dec.tables, out)
+        values = np.zeros(n, np.int64), np.zeros(n), np.zeros(n, np.int64)
+        leaves(data, out, dec._kinds, dec._nulls, *values)
+        results.append((int(stop), out, values))
     return results
 
 
@@ -248,10 +252,15 @@ def small_shipped_records():
 def test_unjitted_walk_agrees_with_jitted_walk_on_real_records():
     for name, schema, block, start, end in small_shipped_records():
         dec = decoder(schema)
-        (stop, slots), (plain_stop, plain_slots) = walk_both(dec, block, start)
+        (stop, slots, values), (plain_stop, plain_slots, plain_values) = walk_both(
+            dec, block, start
+        )
         assert stop == end, name
         assert plain_stop == stop, name
         np.testing.assert_array_equal(plain_slots, slots, err_msg=name)
+        assert (dec._kinds > 0).any(), name
+        for plain, compiled in zip(plain_values, values):
+            np.testing.assert_array_equal(plain, compiled, err_msg=name)
 
 
 @pytest.mark.parametrize("value", [0, 1, 63, -1, 150, -8193, 2**31, -(2**40)])
@@ -268,7 +277,8 @@ def test_unjitted_walk_on_a_bytes_buffer_agrees_with_jitted_walk():
         dec = decoder(schema)
         data = np.frombuffer(block, dtype=np.uint8)
         out = np.full((max(dec.n_slots, 1), 2), -1, dtype=np.int64)
-        stop = _avro._jitted()(data, start, len(data), dec.root, *dec.tables, out)
+        walk = _avro._jitted()[0]
+        stop = walk(data, start, len(data), dec.root, *dec.tables, out)
         plain = np.full_like(out, -1)
         plain_stop = _avro._walk(block, start, len(block), dec.root, *dec.tables, plain)
         assert int(plain_stop) == int(stop) == end, name

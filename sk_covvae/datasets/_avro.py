@@ -49,7 +49,8 @@ _PRIMITIVES = {
 _RECORDS = ("record", "error")
 # How a wanted field is decoded: whole, as a record of wanted fields, or as a
 # union whose branches are one or the other.
-_LEAF, _SUB, _UNION_SUB = 0, 1, 2
+_LEAF, _SUB, _UNION_SUB, _PRIMITIVE = 0, 1, 2, 3
+_FLOATS = frozenset(("float", "double"))
 
 #: Returned by the walker for data that do not fit the schema.
 _CORRUPT = -1
@@ -188,6 +189,54 @@ def _walk(buf, pos, end, node, nodes, fields, out):
             return pos
 
 
+def _leaves(buf, out, kinds, nulls, ints, floats, flags):
+    """Decode the wanted fields of primitive type once ``_walk`` has found them.
+
+    For every slot with ``kinds[slot] > 0`` (a primitive, or the union of it
+    and null whose null branch is ``nulls[slot]``): ``flags[slot]`` is 1 for
+    null, 2 for a field not met (in a union branch not taken), else 0 and
+    the value is in ``ints`` (long, int, boolean; for string and bytes the
+    position where the content starts, which ends at ``out[slot, 1]``) or
+    ``floats`` (float, double). The walker has checked every length.
+    """
+    wide = np.empty(1, dtype=np.uint64)
+    narrow = np.empty(1, dtype=np.uint32)
+    for slot in range(len(kinds)):
+        k = kinds[slot]
+        if k == 0:
+            continue
+        pos = out[slot, 0]
+        if pos < 0:
+            flags[slot] = 2
+            continue
+        end = out[slot, 1]
+        if nulls[slot] >= 0:
+            branch, pos = _read_long(buf, pos, end)
+            if branch == nulls[slot]:
+                flags[slot] = 1
+                continue
+        flags[slot] = 0
+        if k == 2:  # int, long
+            ints[slot], pos = _read_long(buf, pos, end)
+        elif k == 1:  # boolean
+            ints[slot] = buf[pos] != 0
+        elif k == 4:  # double: 8 bytes, little-endian
+            u = np.uint64(0)
+            for i in range(8):
+                u |= np.uint64(buf[pos + i]) << np.uint64(8 * i)
+            wide[0] = u
+            floats[slot] = wide.view(np.float64)[0]
+        elif k == 3:  # float: 4 bytes
+            v = np.uint32(0)
+            for i in range(4):
+                v |= np.uint32(buf[pos + i]) << np.uint32(8 * i)
+            narrow[0] = v
+            floats[slot] = narrow.view(np.float32)[0]
+        else:  # bytes, string: the length, then the content
+            n, pos = _read_long(buf, pos, end)
+            ints[slot] = pos
+
+
 @functools.lru_cache(maxsize=1)
 def _jitted():
     """The numba-compiled walker, or None without numba.
@@ -210,7 +259,7 @@ def _jitted():
         return namespace[fn.__name__]
 
     compiled(_read_long)
-    return compiled(_walk)
+    return compiled(_walk), compiled(_leaves)
 
 
 # --------------------------------------------------------------------------
@@ -358,6 +407,8 @@ class _Compiler:
             self.n_slots += 1
             sub = self.sub.get(name) if wanted is self.top else None
             if sub is None:
+                sub = self.all_primitive_fields(f["type"], namespace)
+            if sub is None:
                 if _has_logical_type(f["type"], self, namespace, set()):
                     raise _Unsupported(f"field {name!r} has a logical type")
                 self.leaves.append((f["type"], namespace))
@@ -371,13 +422,27 @@ class _Compiler:
         t.children(node, kids, slots)
         return node, plan
 
+    def all_primitive_fields(self, schema, namespace):
+        """The field names of a record type all of whose fields are
+        primitives (or null and a primitive), else None: such a record
+        (e.g. a ZTF cutout) is decoded field by field like a trimmed one."""
+        schema, namespace = self.resolve(schema, namespace)
+        if not isinstance(schema, dict) or schema.get("type") not in _RECORDS:
+            return None
+        _, inner = _full_name(schema, namespace)
+        for f in schema["fields"]:
+            if _primitive_leaf(self, f["type"], inner) is None:
+                return None
+        return _Whole(f["name"] for f in schema["fields"])
+
     def planned_nested(self, schema, namespace, wanted):
         """A wanted field whose record keeps only some fields: the record, or
         a union of null and that record."""
         schema, namespace = self.resolve(schema, namespace)
         if isinstance(schema, dict) and schema.get("type") in ("record", "error"):
             full, inner = _full_name(schema, namespace)
-            self.trimmed.add(full)
+            if not isinstance(wanted, _Whole):
+                self.trimmed.add(full)
             node, plan = self.planned_record(schema, inner, wanted)
             return node, ("record", plan)
         if isinstance(schema, list):
@@ -417,6 +482,26 @@ class _Compiler:
             used = _named_types(schema, self, namespace, set())
             if used & self.trimmed:
                 raise _Unsupported(f"{sorted(used & self.trimmed)} trimmed and whole")
+
+
+class _Whole(frozenset):
+    """Every field of a record (decoded one by one, not trimmed)."""
+
+
+def _primitive_leaf(compiler, schema, namespace):
+    """``(type name, null branch)`` of a primitive type (null branch -1) or
+    of the union of null and a primitive, for :func:`_leaves`; else None."""
+    schema, namespace = compiler.resolve(schema, namespace)
+    if isinstance(schema, str) and schema != "null":
+        return schema, -1
+    if isinstance(schema, list) and len(schema) == 2:
+        branches = [compiler.resolve(b, namespace)[0] for b in schema]
+        if "null" in branches:
+            null = branches.index("null")
+            other = branches[1 - null]
+            if isinstance(other, str) and other != "null":
+                return other, null
+    return None
 
 
 def _has_logical_type(schema, compiler, namespace, seen):
@@ -524,24 +609,34 @@ class RecordDecoder:
         self.root, self.plan = c.planned_record(schema, namespace, top_fields)
         c.check()
         self.tables = c.t.arrays()
-        self.n_slots = c.n_slots
+        self.n_slots = max(c.n_slots, 1)
+        self._kinds = np.zeros(self.n_slots, dtype=np.int64)
+        self._nulls = np.full(self.n_slots, -1, dtype=np.int64)
         self._plan = self._readers(c, self.plan)
-        self._walk = walk
+        self._walk, self._leaves = walk
 
-    @classmethod
-    def _readers(cls, compiler, plan):
-        """The plan with a value reader for every field decoded whole."""
+    def _readers(self, compiler, plan):
+        """The plan with how each field is decoded: primitives by
+        :func:`_leaves` (noted in ``_kinds`` and ``_nulls``), other whole
+        values by a value reader, records of wanted fields field by field."""
         out = []
         for name, slot, schema, namespace, subplan in plan:
             if subplan is None:  # decoded whole
-                read = _value_reader(compiler, schema, namespace)
-                out.append((name, slot, _LEAF, read))
+                leaf = _primitive_leaf(compiler, schema, namespace)
+                if leaf is not None:
+                    type_name, null = leaf
+                    self._kinds[slot] = _PRIMITIVES[type_name]
+                    self._nulls[slot] = null
+                    out.append((name, slot, _PRIMITIVE, type_name))
+                else:
+                    read = _value_reader(compiler, schema, namespace)
+                    out.append((name, slot, _LEAF, read))
             elif subplan[0] == "record":  # a record of wanted fields
-                out.append((name, slot, _SUB, cls._readers(compiler, subplan[1])))
+                out.append((name, slot, _SUB, self._readers(compiler, subplan[1])))
             else:  # a union: records of wanted fields, other branches whole
                 resolved, ns = compiler.resolve(schema, namespace)
                 branches = [
-                    (_SUB, cls._readers(compiler, subplan[1][i]))
+                    (_SUB, self._readers(compiler, subplan[1][i]))
                     if i in subplan[1]
                     else (_LEAF, _value_reader(compiler, s, ns))
                     for i, s in enumerate(resolved)
@@ -553,15 +648,34 @@ class RecordDecoder:
         """Decode one record of ``buf`` (bytes) at ``pos``: ``(record, next
         position)``. Raises ValueError for data that do not fit the schema."""
         data = np.frombuffer(buf, dtype=np.uint8)
-        out = np.full((max(self.n_slots, 1), 2), -1, dtype=np.int64)
+        n = self.n_slots
+        out = np.full((n, 2), -1, dtype=np.int64)
         stop = self._walk(data, pos, len(data), self.root, *self.tables, out)
         if stop < 0:
             raise ValueError("Avro record does not fit its schema (corrupt or cut off)")
-        return self._fields(buf, self._plan, out.tolist()), int(stop)
+        ints, floats = np.zeros(n, dtype=np.int64), np.zeros(n)
+        flags = np.zeros(n, dtype=np.int64)
+        self._leaves(data, out, self._kinds, self._nulls, ints, floats, flags)
+        values = (out.tolist(), ints.tolist(), floats.tolist(), flags.tolist())
+        return self._fields(buf, self._plan, *values), int(stop)
 
-    def _fields(self, buf, plan, out):
+    def _fields(self, buf, plan, out, ints, floats, flags):
         record = {}
         for name, slot, kind, read in plan:
+            if kind == _PRIMITIVE:  # decoded by _leaves
+                if flags[slot]:
+                    record[name] = None
+                elif read in _FLOATS:
+                    record[name] = floats[slot]
+                elif read == "string":
+                    record[name] = str(buf[ints[slot] : out[slot][1]], "utf-8")
+                elif read == "bytes":
+                    record[name] = bytes(buf[ints[slot] : out[slot][1]])
+                elif read == "boolean":
+                    record[name] = bool(ints[slot])
+                else:
+                    record[name] = ints[slot]
+                continue
             pos = out[slot][0]
             if kind == _UNION_SUB:  # the branch index, then the branch
                 branch, pos = _py_long(buf, pos)
@@ -569,7 +683,7 @@ class RecordDecoder:
             if kind == _LEAF:
                 record[name] = read(buf, pos)[0]
             else:
-                record[name] = self._fields(buf, read, out)
+                record[name] = self._fields(buf, read, out, ints, floats, flags)
         return record
 
 
@@ -615,7 +729,7 @@ def _read_bytes(buf, pos):
 
 def _read_string(buf, pos):
     n, pos = _py_long(buf, pos)
-    return buf[pos : pos + n].decode(), pos + n
+    return str(buf[pos : pos + n], "utf-8"), pos + n
 
 
 def _nullable(read):
@@ -759,7 +873,7 @@ def record_decoder(schema, top_fields, sub_fields):
     None when numba is not installed or the schema needs what the walker
     does not do.
     """
-    walk = _jitted()
+    walk = _jitted()  # (walker, leaf decoder)
     if walk is None:
         return None
     try:
