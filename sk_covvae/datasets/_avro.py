@@ -7,9 +7,11 @@ field in interpreted code (a ZTF packet's ``prv_candidates`` alone holds
 about a thousand), which makes decoding the slowest step of reading.
 
 Here a writer schema is compiled once into flat tables (one node per Avro
-type, one entry per record field), and a jitted function walks a record's
-bytes by those tables, noting where each wanted field starts and ends;
-Python then decodes only those slices. The result is the dict that
+type, one entry per record field), and a jitted function (:func:`_walk`)
+walks a record's bytes by those tables, noting where each wanted field
+starts and ends; a second one (:func:`_leaves`) decodes the wanted numbers
+and finds the wanted strings, and Python builds the dict from them (and
+decodes the few wanted values of other types). The result is the dict that
 ``fastavro.schemaless_reader(fo, writer, reader)`` returns for the reader
 schema that :func:`~sk_covvae.datasets._readers._project` builds (tests check
 this on every shipped packet). Schemas with features the walker does not
@@ -47,8 +49,9 @@ _PRIMITIVES = {
 }
 
 _RECORDS = ("record", "error")
-# How a wanted field is decoded: whole, as a record of wanted fields, or as a
-# union whose branches are one or the other.
+# How a wanted field is decoded: whole by a Python reader, as a record of
+# wanted fields, as a union whose branches are one or the other, or (a
+# primitive, or null and a primitive) by _leaves.
 _LEAF, _SUB, _UNION_SUB, _PRIMITIVE = 0, 1, 2, 3
 _FLOATS = frozenset(("float", "double"))
 
@@ -591,6 +594,8 @@ class RecordDecoder:
     sub_fields : dict of str to frozenset
         For some of those fields, whose type is a record (or a union of null
         and a record), the only fields of it to decode.
+    walk : (callable, callable)
+        The compiled :func:`_walk` and :func:`_leaves` (from :func:`_jitted`).
 
     Use :func:`record_decoder`, which returns None when numba is missing or
     the schema needs something the walker does not do.
@@ -598,14 +603,11 @@ class RecordDecoder:
 
     def __init__(self, schema, top_fields, sub_fields, walk):
         schema = _clean(schema)
-        if not isinstance(schema, dict) or schema.get("type") not in (
-            "record",
-            "error",
-        ):
+        if not isinstance(schema, dict) or schema.get("type") not in _RECORDS:
             raise _Unsupported("not a record schema")
         c = _Compiler(top_fields, sub_fields)
         c.define(schema, None)
-        full, namespace = _full_name(schema, None)
+        _, namespace = _full_name(schema, None)
         self.root, self.plan = c.planned_record(schema, namespace, top_fields)
         c.check()
         self.tables = c.t.arrays()

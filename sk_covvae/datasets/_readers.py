@@ -130,8 +130,9 @@ class _Schemas:
 
     fastavro decodes the first :data:`_FAST_AFTER` records of the process;
     then the compiled decoder (:mod:`sk_covvae.datasets._avro`) is built and
-    takes over, when numba is installed and the schema suits it. The
-    compiler's start-up (about a second) pays off only on longer reads.
+    takes over, when numba is installed and the schema suits it. Its
+    start-up (about 1.5 s: numba's import and the loading of its cached
+    machine code, once per process) pays off only on longer reads.
     """
 
     __slots__ = ("schema", "writer", "reader", "_fast")
@@ -305,7 +306,8 @@ def _confluent_frames(f, resolve, fastavro):
     """Records of one or more Confluent wire-format messages in a row.
 
     Each is a magic byte 0, a 4-byte big-endian schema id and an Avro body
-    without schema, decoded with the schema ``resolve(schema_id)``.
+    without schema, decoded with the schema ``resolve(schema_id)``. The
+    whole file is read at once (a file of messages is a Kafka batch).
     """
     buf, pos = f.read(), 0
     while head := buf[pos : pos + 5]:
