@@ -708,12 +708,7 @@ def alert_schemas(draw):
     return schema, m.named
 
 
-def full_name(schema, namespace):
-    name = schema["name"]
-    if "." in name:
-        return name, name.rsplit(".", 1)[0]
-    namespace = schema.get("namespace", namespace)
-    return (f"{namespace}.{name}" if namespace else name), namespace
+full_name = _avro._full_name
 
 
 class Encoder:

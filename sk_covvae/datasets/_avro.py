@@ -749,24 +749,6 @@ def _nullable(read):
     return read_nullable
 
 
-def _nullable_double(buf, pos):
-    b = buf[pos]
-    if b == 2:
-        return _unpack_double(buf, pos + 1)[0], pos + 9
-    if b == 0:
-        return None, pos + 1
-    raise ValueError("union index out of range")
-
-
-def _nullable_float(buf, pos):
-    b = buf[pos]
-    if b == 2:
-        return _unpack_float(buf, pos + 1)[0], pos + 5
-    if b == 0:
-        return None, pos + 1
-    raise ValueError("union index out of range")
-
-
 _PRIMITIVE_READERS = {
     "null": _read_null,
     "boolean": _read_boolean,
@@ -778,12 +760,15 @@ _PRIMITIVE_READERS = {
     "string": _read_string,
 }
 _NULLABLE = {
-    _read_double: _nullable_double,
-    _read_float: _nullable_float,
-    **{
-        read: _nullable(read)
-        for read in (_py_long, _read_boolean, _read_bytes, _read_string)
-    },
+    read: _nullable(read)
+    for read in (
+        _py_long,
+        _read_boolean,
+        _read_float,
+        _read_double,
+        _read_bytes,
+        _read_string,
+    )
 }
 
 
