@@ -673,7 +673,8 @@ def score_alerts(
     anomaly score (for a Pipeline: every step's ``transform`` but the last's,
     then the last step's ``anomaly_score(Xt, method=method)``) and, with
     ``latents``, the latent features (its ``transform``), and writes them to
-    ``out``.
+    ``out``. Only the cutouts the model reads are decoded
+    (:func:`model_channels`); the planes of the others are NaN.
 
     The table has one row per alert, in the order of the sorted input files
     and of the alerts in them: ``alert_id`` (int64: ZTF ``candid``, Rubin
