@@ -761,7 +761,7 @@ def score_alerts(
     >>> summary = score_alerts("model.joblib", ["ztf_alert_archive/"],
     ...                        "scores.parquet", on_error="skip")  # doctest: +SKIP
     >>> print(summary)  # doctest: +SKIP
-    498 alerts from 498 file(s) in 4.1 s (121 alerts/s, local) -> scores.parquet
+    498 alerts from 498 file(s) in 1.9 s (259 alerts/s, local) -> scores.parquet
     >>> import pandas as pd  # doctest: +SKIP
     >>> pd.read_parquet("scores.parquet").head()  # doctest: +SKIP
     """
