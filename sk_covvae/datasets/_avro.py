@@ -317,6 +317,7 @@ class _Compiler:
         self.n_slots = 0
         self.leaves = []  # (type, namespace) of the fields decoded whole
         self.trimmed = set()  # record types of which some fields are decoded
+        self.whole = set()  # record types decoded field by field, all fields
 
     def define(self, schema, namespace):
         """Register the named types of ``schema`` (before any reference)."""
@@ -426,10 +427,17 @@ class _Compiler:
         return node, plan
 
     def all_primitive_fields(self, schema, namespace):
-        """The field names of a record type all of whose fields are
-        primitives (or null and a primitive), else None: such a record
-        (e.g. a ZTF cutout) is decoded field by field like a trimmed one."""
+        """The field names of a record type (or of the union of null and
+        one) all of whose fields are primitives (or null and a primitive),
+        else None: such a record (e.g. a ZTF cutout) is decoded field by
+        field like a trimmed one."""
         schema, namespace = self.resolve(schema, namespace)
+        if isinstance(schema, list):
+            branches = [self.resolve(b, namespace) for b in schema]
+            records = [b for b in branches if b[0] != "null"]
+            if len(records) != 1 or len(branches) != len(set(map(str, schema))):
+                return None
+            schema, namespace = records[0]
         if not isinstance(schema, dict) or schema.get("type") not in _RECORDS:
             return None
         _, inner = _full_name(schema, namespace)
@@ -444,8 +452,7 @@ class _Compiler:
         schema, namespace = self.resolve(schema, namespace)
         if isinstance(schema, dict) and schema.get("type") in ("record", "error"):
             full, inner = _full_name(schema, namespace)
-            if not isinstance(wanted, _Whole):
-                self.trimmed.add(full)
+            (self.whole if isinstance(wanted, _Whole) else self.trimmed).add(full)
             node, plan = self.planned_record(schema, inner, wanted)
             return node, ("record", plan)
         if isinstance(schema, list):
@@ -462,7 +469,8 @@ class _Compiler:
             for i, (s, ns) in enumerate(branches):
                 if i == records[0]:
                     full, inner = _full_name(s, ns)
-                    self.trimmed.add(full)
+                    whole = isinstance(wanted, _Whole)
+                    (self.whole if whole else self.trimmed).add(full)
                     kid, plans[i] = self.planned_record(s, inner, wanted)
                 else:
                     if _has_logical_type(s, self, ns, set()):
@@ -481,10 +489,11 @@ class _Compiler:
     def check(self):
         """Refuse a record type trimmed in one wanted field and decoded
         whole in another: fastavro's projection trims it in both."""
+        used = set(self.whole)
         for schema, namespace in self.leaves:
-            used = _named_types(schema, self, namespace, set())
-            if used & self.trimmed:
-                raise _Unsupported(f"{sorted(used & self.trimmed)} trimmed and whole")
+            used |= _named_types(schema, self, namespace, set())
+        if used & self.trimmed:
+            raise _Unsupported(f"{sorted(used & self.trimmed)} trimmed and whole")
 
 
 class _Whole(frozenset):
