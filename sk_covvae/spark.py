@@ -48,15 +48,6 @@ def _cached_model(path, sha256, device):
     return found
 
 
-def _cutout_bytes(value):
-    """FITS bytes of one cell: bytes, or a struct with ``stampData``."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        value = value.get("stampData")
-    return None if value is None else bytes(value)
-
-
 def _cells(column):
     """The cells of a cutout column (a struct column arrives as a DataFrame)."""
     if hasattr(column, "columns"):  # pandas.DataFrame of a struct column
@@ -76,9 +67,7 @@ def _position(value):
     return None if np.isnan(value) else value
 
 
-def stamps_from_cutouts(
-    cutouts, size, positions=None, on_error="raise", channels=(0, 1, 2)
-):
+def stamps_from_cutouts(cutouts, size, positions=None, on_error="raise", channels=None):
     """Stack the FITS cutouts of alerts into stamps as the readers do.
 
     Parameters
@@ -94,9 +83,11 @@ def stamps_from_cutouts(
         the candidate in cutouts clipped at the CCD edge; None: the centre.
     on_error : {'raise', 'nan'}, default='raise'
         An undecodable cutout raises, or marks its alert as failed.
-    channels : collection of int, default=(0, 1, 2)
-        The cutouts to decode (0: science, 1: template, 2: difference); the
-        planes of the others stay NaN and their bytes are not looked at.
+    channels : list of str or int, optional
+        The cutouts to decode, as in
+        :func:`~sk_covvae.datasets.read_alerts` (``'science'``,
+        ``'template'``, ``'difference'`` or 0 to 2); the planes of the others
+        stay NaN and their bytes are not looked at. Default: all three.
 
     Returns
     -------
@@ -106,7 +97,12 @@ def stamps_from_cutouts(
         False for alerts whose cutouts could not be decoded.
     """
     from sk_covvae.datasets._fits import FITSError, read_cutout
-    from sk_covvae.datasets._readers import _candidate_index, _place
+    from sk_covvae.datasets._readers import (
+        _candidate_index,
+        _check_channels,
+        _place,
+        _stamp_bytes,
+    )
 
     h, w = size
     columns = [list(c) for c in cutouts]
@@ -115,11 +111,11 @@ def stamps_from_cutouts(
     variance = None
     ok = np.ones(n, dtype=bool)
     ys, xs = positions if positions is not None else ([None] * n, [None] * n)
-    decoded = sorted(set(channels))
+    decoded = [c for c, wanted in enumerate(_check_channels(channels)) if wanted]
     for i in range(n):
         ypos, xpos = _position(ys[i]), _position(xs[i])
         for c in decoded:
-            data = _cutout_bytes(columns[c][i])
+            data = _stamp_bytes(columns[c][i])
             if data is None:
                 continue
             try:
@@ -195,7 +191,6 @@ def make_score_udf(
     """
     import pandas as pd
 
-    from sk_covvae.datasets import ALERT_CHANNELS
     from sk_covvae.scoring import (
         _score_X,
         load_model,
@@ -215,7 +210,7 @@ def make_score_udf(
     model, sha256 = load_model(path, device=device)
     shape = model_input_shape(model)
     # the cutouts the model reads (score_alerts decodes no other either)
-    decoded = [ALERT_CHANNELS.index(c) for c in model_channels(model, shape)]
+    decoded = model_channels(model, shape)
     _MODELS.setdefault((path, sha256, device), model)
     latents = output == "latents"
 

@@ -399,10 +399,17 @@ def _records(source, resolve, fastavro):
 # --------------------------------------------------------------------------
 
 
-def _stamp_bytes(cutout):
+def _stamp_data(cutout):
+    """The FITS data of a cutout field (bytes-like, not copied), or None."""
     if isinstance(cutout, Mapping):  # ZTF: {'fileName': ..., 'stampData': ...}
         cutout = cutout.get("stampData")
-    return None if cutout is None else bytes(cutout)
+    return cutout
+
+
+def _stamp_bytes(cutout):
+    """The FITS bytes of a cutout field, or None when it is missing."""
+    data = _stamp_data(cutout)
+    return None if data is None else bytes(data)
 
 
 def _float(value):
@@ -476,11 +483,9 @@ def _alert_row(rec, decode=(True, True, True)):
     fields["alert_id"] = int(fields["alert_id"])
     planes, variances, centres, n_missing = [], [], [], 0
     for name, wanted in zip(_CUTOUT_FIELDS, decode, strict=True):
-        data = rec.get(name)
-        n_missing += data is None or (
-            isinstance(data, Mapping) and data.get("stampData") is None
-        )
-        data = _stamp_bytes(data) if wanted else None
+        data = _stamp_data(rec.get(name))
+        n_missing += data is None
+        data = bytes(data) if wanted and data is not None else None
         if data is None:
             planes.append(None)
             variances.append(None)
