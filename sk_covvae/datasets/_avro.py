@@ -435,7 +435,7 @@ class _Compiler:
         if isinstance(schema, list):
             branches = [self.resolve(b, namespace) for b in schema]
             records = [b for b in branches if b[0] != "null"]
-            if len(records) != 1 or len(branches) != len(set(map(str, schema))):
+            if len(records) != 1:
                 return None
             schema, namespace = records[0]
         if not isinstance(schema, dict) or schema.get("type") not in _RECORDS:
@@ -743,21 +743,6 @@ def _read_string(buf, pos):
     return str(buf[pos : pos + n], "utf-8"), pos + n
 
 
-def _nullable(read):
-    """A reader of the union ``["null", T]`` given the reader of ``T``."""
-
-    def read_nullable(buf, pos):
-        b = buf[pos]
-        if b == 0:  # branch 0: null
-            return None, pos + 1
-        if b == 2:  # branch 1
-            return read(buf, pos + 1)
-        index, pos = _py_long(buf, pos)  # not a valid index: the walker said so
-        raise ValueError(f"union index {index} out of range")
-
-    return read_nullable
-
-
 _PRIMITIVE_READERS = {
     "null": _read_null,
     "boolean": _read_boolean,
@@ -767,17 +752,6 @@ _PRIMITIVE_READERS = {
     "double": _read_double,
     "bytes": _read_bytes,
     "string": _read_string,
-}
-_NULLABLE = {
-    read: _nullable(read)
-    for read in (
-        _py_long,
-        _read_boolean,
-        _read_float,
-        _read_double,
-        _read_bytes,
-        _read_string,
-    )
 }
 
 
@@ -790,15 +764,8 @@ def _value_reader(compiler, schema, namespace, building=None):
         return _PRIMITIVE_READERS[schema]
     if isinstance(schema, list):
         branches = [_value_reader(compiler, s, namespace, building) for s in schema]
-        if len(branches) == 2 and branches[0] is _read_null:
-            nullable = _NULLABLE.get(branches[1])
-            if nullable is not None:  # ["null", primitive]: most alert fields
-                return nullable
 
         def read_union(buf, pos):
-            b = buf[pos]
-            if b < 0x80:  # a one-byte index (zig-zag: 2 * index)
-                return branches[b >> 1](buf, pos + 1)
             index, pos = _py_long(buf, pos)
             return branches[index](buf, pos)
 
