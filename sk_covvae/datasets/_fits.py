@@ -106,11 +106,17 @@ def _header(buf, start):
     text = bytes(buf[start:end])
     cards = _HEADERS.get(text)
     if cards is None:
-        cards = _parse_cards(text)
-        if len(_HEADERS) >= _MAX_HEADERS:
-            _HEADERS.clear()
-        _HEADERS[text] = cards
+        cards = _remember(_HEADERS, text, _parse_cards(text))
     return cards, pos + BLOCK
+
+
+def _remember(cache, key, value):
+    """Store ``value`` under ``key`` in a look-up table of at most
+    :data:`_MAX_HEADERS` entries (emptied when full); return ``value``."""
+    if len(cache) >= _MAX_HEADERS:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _parse_cards(text):
@@ -210,9 +216,7 @@ def _hdus(buf):
         if len(hdus) == 1:
             _, _, _, start, nbytes = hdus[0]
             if start + -(-nbytes // BLOCK) * BLOCK == len(buf):
-                if len(_LAYOUTS) >= _MAX_HEADERS:
-                    _LAYOUTS.clear()
-                _LAYOUTS[key] = hdus
+                _remember(_LAYOUTS, key, hdus)
     return hdus
 
 
