@@ -46,6 +46,9 @@ METADATA_KEY = b"sk_covvae"
 #: Rows per Parquet row group: a fixed number, so that the file's bytes do not
 #: depend on how the alerts were batched or partitioned.
 ROW_GROUP_SIZE = 65536
+#: Alerts in the local job's first batch (each next one twice as many, up
+#: to ``batch_size``): the model starts after a short read, not a long one.
+_FIRST_BATCH = 256
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _COVVAE_MANIFEST = "manifest.json"
@@ -440,7 +443,7 @@ def _score_sources(
         on_error=on_error,
         channels=channels,
     )
-    for batch in _prefetched(batches):
+    for batch in _Prefetched(batches):
         skipped.extend((str(s), str(r)) for s, r in batch.skipped)
         if len(batch.images) == 0:
             continue
@@ -448,9 +451,18 @@ def _score_sources(
     return _concat(parts, _n_latent(model) if latents else 0), skipped
 
 
-def _batch_columns(model, batch, shape, method, latents):
+def _batch_columns(model, batch, shape, method, latents, threads=None):
+    """The table columns of one batch of alerts.
+
+    ``threads``, when given, is called before each block of rows the model
+    scores and returns how many threads torch uses for it (see
+    :class:`_ThreadsWhileReading`).
+    """
     X = stamps_to_X(batch.images, batch.variance, shape)
-    scores, Z = _score_X(model, X, method, latents)
+    if threads is None:
+        scores, Z = _score_X(model, X, method, latents)
+    else:
+        scores, Z = _score_blocks(model, X, method, latents, threads)
     frame = batch.frame
     columns = {
         "alert_id": frame["alert_id"].to_numpy(np.int64),
@@ -464,6 +476,24 @@ def _batch_columns(model, batch, shape, method, latents):
         for k in range(Z.shape[1]):
             columns[f"latent_{k}"] = Z[:, k]
     return columns
+
+
+def _score_blocks(model, X, method, latents, threads):
+    """:func:`_score_X` block by block, torch's threads set before each.
+
+    The blocks are the estimator's inference passes (``_block_rows``, every
+    pass the same size), so the scores are those of one call.
+    """
+    import torch
+
+    rows = getattr(_final_step(model), "_block_rows", lambda: len(X))()
+    parts = []
+    for i in range(0, len(X), max(int(rows), 1)):
+        torch.set_num_threads(threads())
+        parts.append(_score_X(model, X[i : i + rows], method, latents))
+    scores = np.concatenate([s for s, _ in parts]) if parts else np.empty(0)
+    Z = np.concatenate([z for _, z in parts]) if latents and parts else None
+    return scores, Z
 
 
 def _concat(parts, n_latent):
@@ -607,6 +637,16 @@ def _check_torch_threads(n):
             f"torch_threads must be None, 'auto' or a positive int, got {n!r}."
         )
     return int(n)
+
+
+def _reader_threads(torch_threads):
+    """``(reading, after)`` torch threads of ``torch_threads='auto'``: all
+    cores but one while the reader thread reads, all once it has read all.
+    (Switching at every pause of the reader costs more than it gains.)"""
+    if not (isinstance(torch_threads, str) and torch_threads == "auto"):
+        return None
+    reading = _check_torch_threads("auto")
+    return reading, max(reading, os.cpu_count() or 1)
 
 
 @contextlib.contextmanager
@@ -767,6 +807,7 @@ def score_alerts(
     """
     start = time.perf_counter()
     _check_options(batch_size, on_error, engine, method)
+    threads = _reader_threads(torch_threads)
     torch_threads = _check_torch_threads(torch_threads)
     model_path = os.fspath(model)
     estimator, sha256 = load_model(model_path, device=device)
@@ -791,7 +832,7 @@ def score_alerts(
     try:
         if engine == "local":
             with _torch_threads(torch_threads):
-                skipped = _run_local(estimator, files, options, sink, progress)
+                skipped = _run_local(estimator, files, options, sink, progress, threads)
         else:
             skipped = _run_dask(
                 estimator, files, options, sink, progress, scheduler, files_per_task
@@ -829,73 +870,107 @@ def _version():
     return __version__
 
 
-def _prefetched(iterable):
+class _Prefetched:
     """The items of ``iterable``, each produced while the previous is used.
 
-    A reader thread runs one batch ahead: gunzip, Avro decoding and torch
+    A reader thread runs one item ahead: gunzip, Avro decoding and torch
     release the GIL, so reading overlaps scoring on two cores. Order and
-    exceptions are kept; at most two batches are in memory at once besides
-    the one being read.
+    exceptions are kept; at most two items are in memory at once besides
+    the one being read. :attr:`done` is set once the reader has read the
+    last item (or failed).
     """
-    items = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    end = object()
 
-    def put(entry):
-        while not stop.is_set():
+    def __init__(self, iterable):
+        self.iterable = iterable
+        self.done = threading.Event()
+
+    def __iter__(self):
+        items = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        end = object()
+
+        def put(entry):
+            while not stop.is_set():
+                try:
+                    items.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
             try:
-                items.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for item in iterable:
-                if not put((item, None)):
-                    return
-        except BaseException as exc:  # re-raised in the consuming thread
-            put((end, exc))
-            return
-        put((end, None))
-
-    thread = threading.Thread(target=produce, name="sk_covvae-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = items.get()
-            if item is end:
-                if exc is not None:
-                    raise exc
+                for item in self.iterable:
+                    if not put((item, None)):
+                        return
+            except BaseException as exc:  # re-raised in the consuming thread
+                self.done.set()
+                put((end, exc))
                 return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+            self.done.set()
+            put((end, None))
+
+        thread = threading.Thread(target=produce, name="sk_covvae-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item, exc = items.get()
+                if item is end:
+                    if exc is not None:
+                        raise exc
+                    return
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
-def _run_local(model, files, options, sink, progress):
-    from sk_covvae.datasets import iter_alerts
+class _ThreadsWhileReading:
+    """Torch's threads for the next block of rows: ``reading`` while the
+    reader thread reads (it needs a core), ``after`` once it has read all."""
+
+    def __init__(self, reader, reading, after):
+        self.reader, self.reading, self.after = reader, reading, after
+
+    def __call__(self):
+        return self.after if self.reader.done.is_set() else self.reading
+
+
+def _run_local(model, files, options, sink, progress, threads=None):
+    """Score ``files`` in this process, reading the next batch in a thread;
+    ``threads``: ``(reading, after)`` torch threads while the reader reads
+    and once it is done (see :class:`_ThreadsWhileReading`), or None."""
+    from sk_covvae.datasets._readers import _iter_alerts
 
     position = {name: i for i, name in enumerate(files)}
     skipped = []
     shape = options["shape"]
-    batches = iter_alerts(
+    batches, buffers = _iter_alerts(
         files,
-        batch_size=options["batch_size"],
-        size=shape[1:],
-        on_error=options["on_error"],
-        channels=options["channels"],
+        options["batch_size"],
+        shape[1:],
+        options["on_error"],
+        None,
+        options["channels"],
+        first=_FIRST_BATCH,
+        reuse=True,
     )
-    for batch in _prefetched(batches):
+    reader = _Prefetched(batches)
+    policy = None if threads is None else _ThreadsWhileReading(reader, *threads)
+    for batch in reader:
         skipped.extend((str(s), str(r)) for s, r in batch.skipped)
         if len(batch.images):
             sink.add(
                 _batch_columns(
-                    model, batch, shape, options["method"], options["latents"]
+                    model,
+                    batch,
+                    shape,
+                    options["method"],
+                    options["latents"],
+                    policy,
                 )
             )
+        buffers.give(batch.images)  # the model is done with them
         if progress is not None:
             done = [position.get(str(s), -1) for s, _ in batch.skipped]
             if len(batch.frame):

@@ -228,7 +228,7 @@ def walk_both(dec, buf, start):
     and of ``_walk`` and ``_leaves`` run as they are."""
     data = np.frombuffer(buf, dtype=np.uint8)
     results = []
-    for walk, leaves in (_avro._jitted(), (_avro._walk, _avro._leaves)):
+    for walk, leaves in (_avro._jitted()[:2], (_avro._walk, _avro._leaves)):
         n = dec.n_slots
         out = np.full((n, 2), -1, dtype=np.int64)
         stop = walk(data, start, len(data), dec.root, *dec.tables, out)
@@ -965,16 +965,26 @@ def confluent_messages(folder):
 
 
 def count_fast_reads(monkeypatch):
-    """Make the compiled decoder take every record; count its reads."""
+    """Make the compiled decoder take every record; count the records it
+    decodes (one by one, by block or by container file)."""
     monkeypatch.setattr(_readers, "_FAST_AFTER", 0, raising=False)
     calls = [0]
-    real = _avro.RecordDecoder.read
+    for method in ("records", "container_records"):
+        real = getattr(_avro.RecordDecoder, method)
 
-    def spy(self, buf, pos=0):
+        def spy(self, *args, real=real):
+            for record in real(self, *args):
+                calls[0] += 1
+                yield record
+
+        monkeypatch.setattr(_avro.RecordDecoder, method, spy)
+    read = _avro.RecordDecoder.read
+
+    def read_spy(self, buf, pos=0):
         calls[0] += 1
-        return real(self, buf, pos)
+        return read(self, buf, pos)
 
-    monkeypatch.setattr(_avro.RecordDecoder, "read", spy)
+    monkeypatch.setattr(_avro.RecordDecoder, "read", read_spy)
     return calls
 
 
@@ -1343,13 +1353,13 @@ def test_channels_decode_only_the_named_cutouts(folder, channels, keep):
 
 def test_channels_bytes_of_other_cutouts_are_not_decoded(monkeypatch):
     seen = []
-    real = _readers.read_cutout
+    real = _readers._read_cutout
 
     def spy(data):
         seen.append(bytes(data[:2]))
         return real(data)
 
-    monkeypatch.setattr(_readers, "read_cutout", spy)
+    monkeypatch.setattr(_readers, "_read_cutout", spy)
     alerts = read_alerts(shared("ztf_alerts"), channels=["difference"])
     assert len(seen) == len(alerts.frame) == N_RECORDS["ztf_alerts"]
 

@@ -8,6 +8,7 @@ alone, the scores against the pipeline run in this process.
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import joblib
@@ -280,6 +281,7 @@ def test_torch_threads_hold_for_the_call_only(
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
+        time.sleep(0.2)  # the reader gets well ahead: it reads 16 alerts
         return score_X(*args, **kwargs)
 
     monkeypatch.setattr(scoring, "_score_X", spy)
@@ -292,7 +294,11 @@ def test_torch_threads_hold_for_the_call_only(
     assert torch.get_num_threads() == before
     seen.clear()
     score_alerts(ztf_model[0], [ztf_files], out, batch_size=16, torch_threads="auto")
-    assert set(seen) == {max(1, (os.cpu_count() or 1) - 1)}
+    # all cores but one while the reader reads (it holds the third batch
+    # until the first is taken), all once it has read the last (40 alerts)
+    cores = os.cpu_count() or 1
+    assert len(seen) == 3 and seen[0] == max(1, cores - 1) and seen[-1] == cores
+    assert seen == sorted(seen)  # one switch at most
     seen.clear()
     score_alerts(ztf_model[0], [ztf_files], out, batch_size=16)
     assert set(seen) == {before}
@@ -303,13 +309,13 @@ def test_only_the_cutouts_the_model_reads_are_decoded(
 ):
     from sk_covvae.datasets import _readers
 
-    decoded, read_cutout = [], _readers.read_cutout
+    decoded, read_cutout = [], _readers._read_cutout
 
     def spy(data):
         decoded.append(data)
         return read_cutout(data)
 
-    monkeypatch.setattr(_readers, "read_cutout", spy)
+    monkeypatch.setattr(_readers, "_read_cutout", spy)
     summary = score_alerts(ztf_model[0], [ztf_files], tmp_path / "d.parquet")
     # the pipeline keeps the difference plane (channels=[2]): one per alert
     assert len(decoded) == summary.n_alerts == N_ZTF

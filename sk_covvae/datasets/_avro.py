@@ -240,9 +240,103 @@ def _leaves(buf, out, kinds, nulls, ints, floats, flags):
             ints[slot] = pos
 
 
+def _walk_block(buf, pos, end, count, node, nodes, fields, tables, stops):
+    """Walk and decode ``count`` records in a row from ``pos``.
+
+    ``tables`` are ``(out, kinds, nulls, ints, floats, flags)`` with one
+    row of ``out``, ``ints``, ``floats`` and ``flags`` per record (``out``
+    filled with -1), as :func:`_walk` and :func:`_leaves` use them;
+    ``stops[r]`` gets the position after record ``r``. Returns the number of
+    records that fit the schema (``count`` unless one does not).
+    One call per block of a container file: no Python between records.
+    """
+    out, kinds, nulls, ints, floats, flags = tables
+    for r in range(count):
+        pos = _walk(buf, pos, end, node, nodes, fields, out[r])
+        if pos < 0:
+            return r
+        _leaves(buf, out[r], kinds, nulls, ints[r], floats[r], flags[r])
+        stops[r] = pos
+    return count
+
+
+#: Bytes of a container file read at once by RecordDecoder.container_records.
+_CHUNK = 1 << 23
+# Why _walk_blocks stopped early (``state[0]``).
+_BAD_HEADER, _CUT_HEADER, _CUT_BLOCK, _BAD_SYNC, _BAD_RECORD = 1, 2, 3, 4, 5
+
+
+def _walk_blocks(
+    buf, end, at_end, sync, limit, node, nodes, fields, tables, stops, state
+):
+    """Walk and decode the records of a container file's blocks (codec null).
+
+    Up to ``limit`` records from ``state[1]``, into the rows of ``tables``
+    and ``stops`` as :func:`_walk_block` does; returns how many. Each block
+    is a count, a size, the records, then ``sync`` (16 bytes). ``buf`` holds
+    the file's bytes up to ``end``, the end of the file when ``at_end``;
+    otherwise a block is begun only when it and its sync marker are there,
+    so that the walk stops between blocks. ``state`` (int64) carries
+    ``(error, position, records left in the block, end of the block)`` from
+    call to call, and ``state[4:6]`` the size and the bytes present of a
+    block cut off; ``error`` is one of the codes above (0: none). A block
+    header or block that ``buf`` cuts off stops the walk at its start.
+    """
+    out, kinds, nulls, ints, floats, flags = tables
+    pos, left, block_end = state[1], state[2], state[3]
+    r = 0
+    while r < limit and state[0] == 0:
+        if left == 0:
+            if pos >= end:
+                break
+            count, p = _read_long(buf, pos, end)
+            if p < 0 or (p >= end and not at_end):
+                state[0] = 2
+                break
+            if p >= end:
+                state[0] = 1
+                break
+            size, p = _read_long(buf, p, end)
+            if p < 0:
+                state[0] = 2
+                break
+            if count < 0 or size < 0:
+                state[0] = 1
+                break
+            if p + size > end or (p + size + 16 > end and not at_end):
+                state[0] = 3
+                state[4] = size
+                state[5] = end - p
+                break
+            pos, left, block_end = p, count, p + size
+        if left > 0:
+            stop = _walk(buf, pos, block_end, node, nodes, fields, out[r])
+            if stop < 0:
+                state[0] = 5
+                break
+            _leaves(buf, out[r], kinds, nulls, ints[r], floats[r], flags[r])
+            stops[r] = stop
+            r += 1
+            left -= 1
+            pos = stop
+        if left == 0:  # the block is done: its sync marker
+            if block_end + 16 > end:
+                state[0] = 4
+                break
+            for i in range(16):
+                if buf[block_end + i] != sync[i]:
+                    state[0] = 4
+            if state[0] != 0:
+                break
+            pos = block_end + 16
+    state[1], state[2], state[3] = pos, left, block_end
+    return r
+
+
 @functools.lru_cache(maxsize=1)
 def _jitted():
-    """The numba-compiled walker, or None without numba.
+    """The numba-compiled :func:`_walk`, :func:`_leaves`,
+    :func:`_walk_block` and :func:`_walk_blocks`, or None without numba.
 
     Compiled on first use in a process (numba keeps the machine code in its
     cache beside this module when it may write there).
@@ -262,7 +356,12 @@ def _jitted():
         return namespace[fn.__name__]
 
     compiled(_read_long)
-    return compiled(_walk), compiled(_leaves)
+    return (
+        compiled(_walk),
+        compiled(_leaves),
+        compiled(_walk_block),
+        compiled(_walk_blocks),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -603,8 +702,9 @@ class RecordDecoder:
     sub_fields : dict of str to frozenset
         For some of those fields, whose type is a record (or a union of null
         and a record), the only fields of it to decode.
-    walk : (callable, callable)
-        The compiled :func:`_walk` and :func:`_leaves` (from :func:`_jitted`).
+    walk : tuple of callables
+        The compiled :func:`_walk`, :func:`_leaves`, :func:`_walk_block` and
+        :func:`_walk_blocks` (from :func:`_jitted`).
 
     Use :func:`record_decoder`, which returns None when numba is missing or
     the schema needs something the walker does not do.
@@ -624,7 +724,8 @@ class RecordDecoder:
         self._kinds = np.zeros(self.n_slots, dtype=np.int64)
         self._nulls = np.full(self.n_slots, -1, dtype=np.int64)
         self._plan = self._readers(c, self.plan)
-        self._walk, self._leaves = walk
+        self._build = self._builder(self._plan)
+        self._walk, self._leaves, self._walk_block, self._walk_blocks = walk
 
     def _readers(self, compiler, plan):
         """The plan with how each field is decoded: primitives by
@@ -658,44 +759,188 @@ class RecordDecoder:
     def read(self, buf, pos=0):
         """Decode one record of ``buf`` (bytes) at ``pos``: ``(record, next
         position)``. Raises ValueError for data that do not fit the schema."""
-        data = np.frombuffer(buf, dtype=np.uint8)
-        n = self.n_slots
-        out = np.full((n, 2), -1, dtype=np.int64)
-        stop = self._walk(data, pos, len(data), self.root, *self.tables, out)
-        if stop < 0:
-            raise ValueError("Avro record does not fit its schema (corrupt or cut off)")
-        ints, floats = np.zeros(n, dtype=np.int64), np.zeros(n)
-        flags = np.zeros(n, dtype=np.int64)
-        self._leaves(data, out, self._kinds, self._nulls, ints, floats, flags)
-        values = (out.tolist(), ints.tolist(), floats.tolist(), flags.tolist())
-        return self._fields(buf, self._plan, *values), int(stop)
+        records = _Records(self, buf, 1, pos)
+        record = next(records)
+        return record, records.stop
 
-    def _fields(self, buf, plan, out, ints, floats, flags):
-        record = {}
-        for name, slot, kind, read in plan:
-            if kind == _PRIMITIVE:  # decoded by _leaves
-                if flags[slot]:
-                    record[name] = None
-                elif read in _FLOATS:
-                    record[name] = floats[slot]
-                elif read == "string":
-                    record[name] = str(buf[ints[slot] : out[slot][1]], "utf-8")
-                elif read == "bytes":
-                    record[name] = bytes(buf[ints[slot] : out[slot][1]])
-                elif read == "boolean":
-                    record[name] = bool(ints[slot])
+    def records(self, buf, count, pos=0):
+        """Decode ``count`` records in a row from ``pos`` (a block of a
+        container file): an iterator of the records, whose ``stop`` is the
+        position after the last one. The walk is one compiled call; the
+        records that fit the schema are yielded, then ValueError is raised
+        for the first that does not."""
+        return _Records(self, buf, count, pos)
+
+    def _decode(self, buf, count, pos):
+        """The walk of :meth:`records`: ``(records that fit, per-record
+        lists of starts, ends, ints, floats, flags; stops)``."""
+        data = np.frombuffer(buf, dtype=np.uint8)
+        tables, stops = self._tables(count)
+        n_ok = self._walk_block(
+            data, pos, len(data), count, self.root, *self.tables, tables, stops
+        )
+        return int(n_ok), _lists(tables), stops.tolist()
+
+    def _tables(self, count):
+        """Empty ``(out, kinds, nulls, ints, floats, flags)`` and ``stops``
+        for ``count`` records."""
+        n = self.n_slots
+        out = np.full((count, n, 2), -1, dtype=np.int64)
+        ints, floats = np.zeros((count, n), np.int64), np.zeros((count, n))
+        flags = np.zeros((count, n), dtype=np.int64)
+        tables = (out, self._kinds, self._nulls, ints, floats, flags)
+        return tables, np.zeros(count, dtype=np.int64)
+
+    def container_records(self, f, sync):
+        """The records of an Avro container file whose codec is null, read
+        from ``f`` (positioned after the file's header) to its end.
+
+        The file is read :data:`_CHUNK` bytes at a time (more for a larger
+        block), and its blocks are walked many records per compiled call.
+        Raises, after the records before it, ValueError for a record or
+        block that does not fit, EOFError for a file cut off.
+        """
+        sync = np.frombuffer(sync, dtype=np.uint8)
+        state = np.zeros(6, dtype=np.int64)
+        buf = f.read(_CHUNK)
+        at_end = len(buf) < _CHUNK
+        limit = 8  # then more per call: one-alert files stay cheap
+        while True:
+            tables, stops = self._tables(limit)
+            data = np.frombuffer(buf, dtype=np.uint8)
+            n = self._walk_blocks(
+                data,
+                len(data),
+                at_end,
+                sync,
+                limit,
+                self.root,
+                *self.tables,
+                tables,
+                stops,
+                state,
+            )
+            del data
+            starts, ends, ints, floats, flags = _lists(tables)
+            build = self._build
+            for r in range(n):
+                yield build(buf, starts[r], ends[r], ints[r], floats[r], flags[r])
+            error, used_up = state[0], n < limit and not state[0]
+            limit = min(2 * limit, 256)
+            if not at_end and (used_up or error in (_CUT_HEADER, _CUT_BLOCK)):
+                # The walk stopped at the end of buf, between two blocks. A
+                # block cut off is completed by reading exactly what it
+                # lacks (first 20 bytes for a header cut off, the most two
+                # varints take), and walked alone: then the next chunk is
+                # read into a new buffer, no large copy made.
+                tail = buf[state[1] :]
+                if error == _CUT_BLOCK:
+                    want = int(state[4] + 16 - state[5])
+                elif error == _CUT_HEADER:
+                    want = 20
                 else:
-                    record[name] = ints[slot]
-                continue
-            pos = out[slot][0]
-            if kind == _UNION_SUB:  # the branch index, then the branch
-                branch, pos = _py_long(buf, pos)
-                kind, read = read[branch]
-            if kind == _LEAF:
-                record[name] = read(buf, pos)[0]
-            else:
-                record[name] = self._fields(buf, read, out, ints, floats, flags)
-        return record
+                    want = _CHUNK
+                more = f.read(want)
+                at_end = len(more) < want
+                buf = tail + more if tail else more
+                state[:] = 0
+            elif error:
+                raise _block_error(state)
+            elif used_up:
+                return
+
+    def _builder(self, plan):
+        """``build(buf, starts, ends, ints, floats, flags)``: the dict of a
+        record's wanted fields from its slots (one record's rows of the
+        tables), a getter per field chosen once here."""
+        getters = [
+            (name, self._getter(slot, kind, read)) for name, slot, kind, read in plan
+        ]
+
+        def build(buf, *slots):
+            return {name: get(buf, *slots) for name, get in getters}
+
+        return build
+
+    def _getter(self, slot, kind, read):
+        if kind == _PRIMITIVE:  # decoded by _leaves; flags: null or not met
+            return _primitive_getter(read, slot)
+        if kind == _SUB:  # a record of wanted fields
+            return self._builder(read)
+        if kind == _LEAF:  # decoded whole by a value reader
+            return lambda buf, starts, *_: read(buf, starts[slot])[0]
+        branches = [  # a union: the branch index, then the branch
+            (k, self._builder(r) if k == _SUB else r) for k, r in read
+        ]
+
+        def get_union(buf, *slots):
+            branch, pos = _py_long(buf, slots[0][slot])
+            k, r = branches[branch]
+            return r(buf, *slots) if k == _SUB else r(buf, pos)[0]
+
+        return get_union
+
+
+def _lists(tables):
+    """``(starts, ends, ints, floats, flags)`` of ``tables``: per record, a
+    list per table."""
+    out, _, _, ints, floats, flags = tables
+    starts, ends = out[:, :, 0].tolist(), out[:, :, 1].tolist()
+    return starts, ends, ints.tolist(), floats.tolist(), flags.tolist()
+
+
+def _block_error(state):
+    """The exception for the error code of :func:`_walk_blocks`."""
+    error = int(state[0])
+    if error == _CUT_HEADER:
+        return EOFError("file ends inside a block header")
+    if error == _CUT_BLOCK:
+        return EOFError(f"block of {state[4]} bytes, {state[5]} present")
+    if error == _BAD_SYNC:
+        return ValueError("expected sync marker not found")
+    if error == _BAD_RECORD:
+        return ValueError("Avro record does not fit its schema (corrupt or cut off)")
+    return ValueError("corrupt block header")
+
+
+class _Records:
+    """The iterator of :meth:`RecordDecoder.records`."""
+
+    def __init__(self, decoder, buf, count, pos):
+        self.n_ok, self.values, stops = decoder._decode(buf, count, pos)
+        self.buf, self.count, self.index = buf, count, 0
+        self.build = decoder._build
+        #: Position after the last record that fits the schema.
+        self.stop = stops[self.n_ok - 1] if self.n_ok else pos
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        r = self.index
+        if r == self.count:
+            raise StopIteration
+        if r == self.n_ok:
+            raise ValueError("Avro record does not fit its schema (corrupt or cut off)")
+        self.index += 1
+        starts, ends, ints, floats, flags = self.values
+        return self.build(self.buf, starts[r], ends[r], ints[r], floats[r], flags[r])
+
+
+def _primitive_getter(type_name, s):
+    """The getter of slot ``s``, a primitive decoded by _leaves (None when
+    flagged: null, or not met)."""
+    if type_name in _FLOATS:
+        return lambda buf, st, en, i, f, g: None if g[s] else f[s]
+    if type_name == "string":
+        return lambda buf, st, en, i, f, g: (
+            None if g[s] else str(buf[i[s] : en[s]], "utf-8")
+        )
+    if type_name == "bytes":
+        return lambda buf, st, en, i, f, g: None if g[s] else bytes(buf[i[s] : en[s]])
+    if type_name == "boolean":
+        return lambda buf, st, en, i, f, g: None if g[s] else bool(i[s])
+    return lambda buf, st, en, i, f, g: None if g[s] else i[s]  # int, long
 
 
 _unpack_float = struct.Struct("<f").unpack_from

@@ -24,7 +24,7 @@ from sklearn.utils import Bunch
 from sk_covvae._optional import require as _require
 from sk_covvae.datasets._alerts import ZTF_CUTOUT_SIZE, _centre
 from sk_covvae.datasets._avro import record_decoder
-from sk_covvae.datasets._fits import FITSError, read_cutout
+from sk_covvae.datasets._fits import FITSError, _read_cutout
 
 #: Order of the three planes of every stamp in ``images`` and ``variance``.
 ALERT_CHANNELS = ("science", "template", "difference")
@@ -154,15 +154,33 @@ class _Schemas:
 
     def read(self, buf, pos, fastavro):
         """``(record, next position)`` of the record of ``buf`` at ``pos``."""
-        if _FAST_DECODER and _RECORDS_DECODED[0] >= _FAST_AFTER:
-            fast = self.fast
-            if fast is not None:
-                return fast.read(buf, pos)
-        else:
+        fast = self.fast_now()
+        if fast is not None:
+            return fast.read(buf, pos)
+        if not (_FAST_DECODER and _RECORDS_DECODED[0] >= _FAST_AFTER):
             _RECORDS_DECODED[0] += 1
         f = io.BytesIO(buf)
         f.seek(pos)
         return fastavro.schemaless_reader(f, self.writer, self.reader), f.tell()
+
+    def fast_now(self):
+        """The compiled decoder when it takes the next records, else None."""
+        if _FAST_DECODER and _RECORDS_DECODED[0] >= _FAST_AFTER:
+            return self.fast
+        return None
+
+    def records(self, buf, count, fastavro):
+        """The ``count`` records of ``buf`` (a block of a container file)."""
+        fast = self.fast_now()
+        if fast is not None:
+            return fast.records(buf, count)
+        return self._read_each(buf, count, fastavro)
+
+    def _read_each(self, buf, count, fastavro):
+        pos = 0
+        for _ in range(count):
+            record, pos = self.read(buf, pos, fastavro)
+            yield record
 
 
 def _parse_schemas(schema):
@@ -285,6 +303,10 @@ def _avro_container(f, fastavro):
         return
     schemas = _parsed_writer_schema(meta["avro.schema"].decode())
     sync = header["sync"]
+    fast = schemas.fast_now() if codec == "null" else None
+    if fast is not None:
+        yield from fast.container_records(f, sync)
+        return
     while (count := _read_long(f)) is not None:
         size = _read_long(f)
         if size is None or count < 0 or size < 0:
@@ -294,10 +316,7 @@ def _avro_container(f, fastavro):
             raise EOFError(f"block of {size} bytes, {len(data)} present")
         if codec == "deflate":
             data = zlib.decompress(data, -15)
-        pos = 0
-        for _ in range(count):
-            record, pos = schemas.read(data, pos, fastavro)
-            yield record
+        yield from schemas.records(data, count, fastavro)
         if f.read(16) != sync:
             raise ValueError("expected sync marker not found")
 
@@ -492,7 +511,7 @@ def _alert_row(rec, decode=(True, True, True)):
             centres.append(None)
             continue
         try:
-            image, variance = read_cutout(data)
+            image, variance = _read_cutout(data)
         except FITSError as exc:
             raise FITSError(f"{name}: {exc}") from exc
         planes.append(image)
@@ -518,11 +537,17 @@ def _candidate_index(length, pos):
     return _centre(length, pos - 1.0)
 
 
-def _place(out, image, cy, cx):
+def _place(out, image, cy, cx, fill=False):
     """Copy ``image`` into ``out`` with pixel (cy, cx) at the centre of
-    ``out``; return whether part of ``out`` lies outside ``image`` (left NaN)."""
+    ``out``; return whether part of ``out`` lies outside ``image`` (left NaN:
+    with ``fill``, made NaN first)."""
     h, w = out.shape
     y0, x0 = cy - h // 2, cx - w // 2
+    if y0 == 0 and x0 == 0 and image.shape == out.shape:  # most cutouts
+        out[...] = image
+        return False
+    if fill:
+        out.fill(np.nan)
     ys = slice(max(y0, 0), min(y0 + h, image.shape[0]))
     xs = slice(max(x0, 0), min(x0 + w, image.shape[1]))
     if ys.start < ys.stop and xs.start < xs.stop:
@@ -564,11 +589,45 @@ _FRAME_COLUMNS = (
 )
 
 
-def _bunch(rows, shape, skipped):
+class _Buffers:
+    """Image arrays reused from batch to batch of one reading.
+
+    For a consumer that gives each batch's ``images`` back once done with
+    them (the scoring job): an array is made once, NaN, and then written
+    again only where a batch puts a decoded cutout (``decode``: the flags of
+    :func:`_check_channels`, the same for every batch), so the planes of the
+    other cutouts stay NaN without being written. Saves making and filling
+    a large array per batch. Arrays not given back are simply not reused.
+    """
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.free = []
+
+    def take(self, n, shape):
+        """``(images, reused)``: NaN images for ``n`` alerts, or a reused
+        array whose decoded planes the caller must write in full."""
+        while self.free:
+            array = self.free.pop()
+            if array.shape[0] >= n and array.shape[2:] == shape:
+                return array[:n], True
+        return np.full((n, 3, *shape), np.nan, dtype=np.float32), False
+
+    def give(self, images):
+        """Reuse the array of a batch's ``images`` (its own or its base)."""
+        base = images if images.base is None else images.base
+        if isinstance(base, np.ndarray) and base.ndim == 4:
+            self.free.append(base)
+
+
+def _bunch(rows, shape, skipped, buffers=None):
     """Stack rows into the Bunch that read_alerts and iter_alerts return."""
     pd = _require("pandas", "read_alerts")
     n, (h, w) = len(rows), shape
-    images = np.full((n, 3, h, w), np.nan, dtype=np.float32)
+    if buffers is None:
+        images, reused = np.full((n, 3, h, w), np.nan, dtype=np.float32), False
+    else:
+        images, reused = buffers.take(n, (h, w))
     has_variance = any(v is not None for r in rows for v in r["variances"])
     variance = np.full_like(images, np.nan) if has_variance else None
     padded = np.zeros(n, dtype=bool)
@@ -578,9 +637,11 @@ def _bunch(rows, shape, skipped):
         n_missing[i] = row["n_missing"]
         for c, image in enumerate(row["planes"]):
             if image is None:
+                if reused and buffers.decode[c]:
+                    images[i, c] = np.nan  # a missing cutout
                 continue
             cy, cx = row["centres"][c]
-            padded[i] |= _place(images[i, c], image, cy, cx)
+            padded[i] |= _place(images[i, c], image, cy, cx, fill=reused)
             if variance is not None and row["variances"][c] is not None:
                 _place(variance[i, c], row["variances"][c], cy, cx)
         shapes = [p.shape for p in row["planes"][::-1] if p is not None]
@@ -739,17 +800,20 @@ def _rows(sources, resolve, on_error, skipped, decode=(True, True, True)):
             fail(name, str(exc), exc)
 
 
-def _batches(rows, batch_size, shape, skipped):
-    batch = []
+def _batches(rows, batch_size, shape, skipped, first=None, buffers=None):
+    """Bunches of ``batch_size`` rows; with ``first``, the first holds that
+    many and each next one twice as many, up to ``batch_size``. With
+    ``buffers`` (a :class:`_Buffers`), their images reuse its arrays."""
+    batch, size = [], min(first or batch_size, batch_size)
     for row in rows:
         batch.append(row)
-        if len(batch) == batch_size:
+        if len(batch) == size:
             shape = shape or _common_shape(batch)
-            yield _bunch(batch, shape, skipped)
+            yield _bunch(batch, shape, skipped, buffers)
             skipped.clear()
-            batch = []
+            batch, size = [], min(2 * size, batch_size)
     if batch or skipped:
-        yield _bunch(batch, shape or _common_shape(batch), skipped)
+        yield _bunch(batch, shape or _common_shape(batch), skipped, buffers)
 
 
 # --------------------------------------------------------------------------
@@ -938,9 +1002,24 @@ def iter_alerts(
         or batch_size < 1
     ):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    return _iter_alerts(paths, int(batch_size), size, on_error, schema, channels)
+
+
+def _iter_alerts(
+    paths, batch_size, size, on_error, schema, channels, first=None, reuse=False
+):
+    """:func:`iter_alerts` after its check of ``batch_size``.
+
+    ``first``: see :func:`_batches` (the scoring job starts small, so that
+    the model does not wait long for its first batch). ``reuse``: the
+    batches' images reuse the arrays given back to the returned iterator's
+    ``buffers`` (see :class:`_Buffers`).
+    """
     shape = _check_size(size)
     _check_on_error(on_error)
     decode = _check_channels(channels)
     sources, resolve, skipped = _sources(paths), _schema_resolver(schema), []
     rows = _rows(sources, resolve, on_error, skipped, decode)
-    return _batches(rows, int(batch_size), shape, skipped)
+    buffers = _Buffers(decode) if reuse else None
+    batches = _batches(rows, batch_size, shape, skipped, first, buffers)
+    return (batches, buffers) if reuse else batches
