@@ -310,8 +310,8 @@ def _add_score_parser(sub):
         type=_torch_threads,
         default="auto",
         metavar="N",
-        help="threads torch scores with (default: auto, all cores but one, "
-        "which the reader thread uses meanwhile)",
+        help="threads torch scores with (default: auto, all cores but one "
+        "while the reader thread reads, all once it is done)",
     )
     score.set_defaults(func=_score)
 

@@ -766,9 +766,11 @@ def score_alerts(
         process-wide setting, hence opt-in). The alerts of the next batch
         are read in a thread while the model scores the current one, and on
         a CPU the two overlap only when torch leaves the reader a core:
-        ``'auto'`` uses ``os.cpu_count() - 1`` threads (at least one), which
-        ``covvae score`` passes. None (the default) leaves torch's setting
-        alone. Irrelevant to a model on a GPU.
+        ``'auto'`` uses ``os.cpu_count() - 1`` threads (at least one) while
+        the reader reads and all cores once it has read the last alert (the
+        scores do not depend on it), which ``covvae score`` passes. None
+        (the default) leaves torch's setting alone. Irrelevant to a model on
+        a GPU.
     progress : callable, optional
         Called as ``progress(n_alerts, n_files_done, n_files)`` after each
         batch (local) or task (dask); nothing is printed otherwise.

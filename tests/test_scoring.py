@@ -292,13 +292,22 @@ def test_torch_threads_hold_for_the_call_only(
     )
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == before
+    one_thread = pd.read_parquet(out)
     seen.clear()
-    score_alerts(ztf_model[0], [ztf_files], out, batch_size=16, torch_threads="auto")
+    score_alerts(
+        ztf_model[0],
+        [ztf_files],
+        out,
+        batch_size=16,
+        latents=True,
+        torch_threads="auto",
+    )
     # all cores but one while the reader reads (it holds the third batch
     # until the first is taken), all once it has read the last (40 alerts)
     cores = os.cpu_count() or 1
     assert len(seen) == 3 and seen[0] == max(1, cores - 1) and seen[-1] == cores
     assert seen == sorted(seen)  # one switch at most
+    pd.testing.assert_frame_equal(pd.read_parquet(out), one_thread)  # same bits
     seen.clear()
     score_alerts(ztf_model[0], [ztf_files], out, batch_size=16)
     assert set(seen) == {before}
