@@ -7,7 +7,9 @@ job (:func:`~sk_covvae.scoring.score_alerts`: read, preprocess, score, write
 Parquet), each against the model-only rate (the pipeline's
 ``score_samples`` on the same stamps, already in memory), timed in
 alternation in the same run. Target (issue 12): end to end at least half
-the model-only rate for alerts in multi-alert files.
+the model-only rate for alerts in multi-alert files. A last line gives the
+model alone on one torch thread: what the job leaves the model on a CPU
+while its reader thread reads (``torch_threads='auto'``: all cores but one).
 """
 
 import os
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+import torch
 
 from benchmarks.common import ESTIMATOR, best_ratio, row, time_alternating
 
@@ -134,6 +137,14 @@ def bench_scoring(config, device):
                 model_path, paths, tmp / f"{name}.parquet", torch_threads=threads
             )
 
+        def model_one_thread():  # the model on the core the job leaves it
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                pipe.score_samples(X)
+            finally:
+                torch.set_num_threads(before)
+
         t = time_alternating(
             {
                 "read_one": lambda: read(files),
@@ -143,12 +154,14 @@ def bench_scoring(config, device):
                 "job_multi": lambda: job([multi], "multi"),
                 "job_multi_default": lambda: job([multi], "multi", None),
                 "model": lambda: pipe.score_samples(X),
+                "model_one_thread": model_one_thread,
             },
             repeats=sizes["repeats"],
             warmup=config.warmup,
             device=device,
         )
     n = {"read_one": n_one, "job_one": n_one, "model": len(X)}
+    n["model_one_thread"] = len(X)
     n.update(
         read_multi=n_multi,
         read_multi_diff=n_multi,
@@ -193,7 +206,9 @@ def bench_scoring(config, device):
             "runs it (torch leaves one core to the reader thread), and once "
             "with torch's threads as they are. Reference: the same "
             f"pipeline's score_samples on {len(X)} stamps in memory (the "
-            f"{n_one} tiled), torch threads as set. One process; CPUs: "
+            f"{n_one} tiled), torch threads as set; the last line is the "
+            "same on one torch thread, what the job leaves the model while "
+            "its reader thread reads. One process; CPUs: "
             f"{os.cpu_count()}."
         ),
         "timings": t,
@@ -214,6 +229,10 @@ def bench_scoring(config, device):
             rate_row(
                 f"score_alerts, torch threads left as they are, {n_multi} alerts",
                 "job_multi_default",
+            ),
+            rate_row(
+                f"model alone on one torch thread, {len(X)} stamps",
+                "model_one_thread",
             ),
         ],
     }

@@ -130,6 +130,7 @@ def test_scoring_section(bench, tmp_path):
         "score_alerts one-alert files",
         "score_alerts one multi-alert file",
         "score_alerts",
+        "model alone on one torch thread",
     ]
     for r in section["rows"]:
         assert r["unit"] == "alerts/s" and r["ratio_kind"] == "rate ratio"
