@@ -96,7 +96,7 @@ def stamps_from_cutouts(cutouts, size, positions=None, on_error="raise", channel
     ok : ndarray of shape (n,), bool
         False for alerts whose cutouts could not be decoded.
     """
-    from sk_covvae.datasets._fits import FITSError, read_cutout
+    from sk_covvae.datasets._fits import FITSError, _read_cutout
     from sk_covvae.datasets._readers import (
         _candidate_index,
         _check_channels,
@@ -119,7 +119,7 @@ def stamps_from_cutouts(cutouts, size, positions=None, on_error="raise", channel
             if data is None:
                 continue
             try:
-                image, var = read_cutout(data)
+                image, var = _read_cutout(data)
             except FITSError as exc:
                 if on_error == "raise":
                     raise ValueError(f"alert {i}, cutout {c}: {exc}") from exc
