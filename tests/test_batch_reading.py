@@ -113,6 +113,41 @@ def test_container_walk_equals_fastavro(monkeypatch, ztf, sync_interval, chunk):
     assert got == projected(schema, records)
 
 
+@pytest.mark.parametrize("sync_interval", [10, 10_000_000])
+def test_deflate_blocks_are_walked_block_by_block(monkeypatch, ztf, sync_interval):
+    """Compressed blocks: one compiled walk per block, as fastavro reads."""
+    schema, records = ztf
+    data = container(schema, records * 2, sync_interval, codec="deflate")
+    calls = [0]
+    real = _avro.RecordDecoder.records
+
+    def spy(self, *args):
+        calls[0] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(_avro.RecordDecoder, "records", spy)
+    got, error = fast_records(data)
+    assert error is None and got == projected(schema, records * 2)
+    assert calls[0] == (24 if sync_interval == 10 else 1)
+
+
+def test_a_block_with_a_damaged_record(ztf):
+    """The records before it are kept, then the error; fast as slow."""
+    schema, records = ztf
+    decoder = _readers._parse_schemas(schema).fast
+    writer = fastavro.parse_schema(schema)
+    raw = []
+    for record in records[:3]:
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, writer, record)
+        raw.append(buf.getvalue())
+    block = raw[0] + raw[1] + raw[2][:100]
+    got = decoder.records(block, 3)
+    assert [next(got), next(got)] == projected(schema, records[:2])
+    with pytest.raises(ValueError, match="does not fit"):
+        next(got)
+
+
 def test_container_walk_of_empty_blocks_and_no_records(monkeypatch, ztf):
     schema, records = ztf
     data = container(schema, [])
