@@ -80,18 +80,23 @@ def projected(schema, records):
     return out
 
 
-def walked(monkeypatch, chunk):
-    """Count the container walks; set the bytes read at once."""
-    monkeypatch.setattr(_avro, "_CHUNK", chunk)
+def counted(monkeypatch, method):
+    """Count the calls of a RecordDecoder method."""
     calls = [0]
-    real = _avro.RecordDecoder.container_records
+    real = getattr(_avro.RecordDecoder, method)
 
     def spy(self, *args):
         calls[0] += 1
         return real(self, *args)
 
-    monkeypatch.setattr(_avro.RecordDecoder, "container_records", spy)
+    monkeypatch.setattr(_avro.RecordDecoder, method, spy)
     return calls
+
+
+def walked(monkeypatch, chunk):
+    """Count the container walks; set the bytes read at once."""
+    monkeypatch.setattr(_avro, "_CHUNK", chunk)
+    return counted(monkeypatch, "container_records")
 
 
 # --------------------------------------------------------------------------
@@ -118,14 +123,7 @@ def test_deflate_blocks_are_walked_block_by_block(monkeypatch, ztf, sync_interva
     """Compressed blocks: one compiled walk per block, as fastavro reads."""
     schema, records = ztf
     data = container(schema, records * 2, sync_interval, codec="deflate")
-    calls = [0]
-    real = _avro.RecordDecoder.records
-
-    def spy(self, *args):
-        calls[0] += 1
-        return real(self, *args)
-
-    monkeypatch.setattr(_avro.RecordDecoder, "records", spy)
+    calls = counted(monkeypatch, "records")
     got, error = fast_records(data)
     assert error is None and got == projected(schema, records * 2)
     assert calls[0] == (24 if sync_interval == 10 else 1)
