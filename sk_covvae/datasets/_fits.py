@@ -205,14 +205,23 @@ def _hdu_data(buf, index, cards, start, nbytes):
     return data
 
 
+def _layout_key(buf):
+    """``(first header's cards, file size)``, what the layout of a one-HDU
+    file depends on; None when the first header does not end in its first
+    block."""
+    end = buf.find(_END, 0, BLOCK)
+    if end == -1 or end % CARD:
+        return None
+    return bytes(buf[:end]), len(buf)
+
+
 def _hdus(buf):
     """The HDUs of ``_iter_hdus(buf)`` as a list, looked up for a file of one
     HDU whose header and size were seen before (the HDUs depend on nothing
     else when the data end the file)."""
-    end = buf.find(_END, 0, BLOCK)
-    if end == -1 or end % CARD:
+    key = _layout_key(buf)
+    if key is None:
         return list(_iter_hdus(buf))
-    key = (bytes(buf[:end]), len(buf))
     hdus = _LAYOUTS.get(key)
     if hdus is None:
         hdus = list(_iter_hdus(buf))
@@ -343,10 +352,9 @@ def _stored_image(buf):
     stored as it reads (no BZERO, BSCALE or BLANK): the image is a view of
     ``buf``. None for any other file. Looked up by the header and the size,
     as :func:`_hdus` does (every ZTF cutout has the same)."""
-    end = buf.find(_END, 0, BLOCK)
-    if end == -1 or end % CARD:
+    key = _layout_key(buf)
+    if key is None:
         return None
-    key = (bytes(buf[:end]), len(buf))
     try:
         return _STORED[key]
     except KeyError:
