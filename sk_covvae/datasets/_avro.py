@@ -264,6 +264,15 @@ def _walk_block(buf, pos, end, count, node, nodes, fields, tables, stops):
 _CHUNK = 1 << 23
 # Why _walk_blocks stopped early (``state[0]``).
 _BAD_HEADER, _CUT_HEADER, _CUT_BLOCK, _BAD_SYNC, _BAD_RECORD = 1, 2, 3, 4, 5
+_BLOCK_ERRORS = {
+    "_BAD_HEADER": _BAD_HEADER,
+    "_CUT_HEADER": _CUT_HEADER,
+    "_CUT_BLOCK": _CUT_BLOCK,
+    "_BAD_SYNC": _BAD_SYNC,
+    "_BAD_RECORD": _BAD_RECORD,
+}
+#: The error of a record that does not fit its schema.
+_DOES_NOT_FIT = "Avro record does not fit its schema (corrupt or cut off)"
 
 
 def _walk_blocks(
@@ -291,20 +300,20 @@ def _walk_blocks(
                 break
             count, p = _read_long(buf, pos, end)
             if p < 0 or (p >= end and not at_end):
-                state[0] = 2
+                state[0] = _CUT_HEADER
                 break
             if p >= end:
-                state[0] = 1
+                state[0] = _BAD_HEADER
                 break
             size, p = _read_long(buf, p, end)
             if p < 0:
-                state[0] = 2
+                state[0] = _CUT_HEADER
                 break
             if count < 0 or size < 0:
-                state[0] = 1
+                state[0] = _BAD_HEADER
                 break
             if p + size > end or (p + size + 16 > end and not at_end):
-                state[0] = 3
+                state[0] = _CUT_BLOCK
                 state[4] = size
                 state[5] = end - p
                 break
@@ -312,7 +321,7 @@ def _walk_blocks(
         if left > 0:
             stop = _walk(buf, pos, block_end, node, nodes, fields, out[r])
             if stop < 0:
-                state[0] = 5
+                state[0] = _BAD_RECORD
                 break
             _leaves(buf, out[r], kinds, nulls, ints[r], floats[r], flags[r])
             stops[r] = stop
@@ -321,11 +330,11 @@ def _walk_blocks(
             pos = stop
         if left == 0:  # the block is done: its sync marker
             if block_end + 16 > end:
-                state[0] = 4
+                state[0] = _BAD_SYNC
                 break
             for i in range(16):
                 if buf[block_end + i] != sync[i]:
-                    state[0] = 4
+                    state[0] = _BAD_SYNC
             if state[0] != 0:
                 break
             pos = block_end + 16
@@ -348,6 +357,7 @@ def _jitted():
     # Copies of the two functions whose global names ``_read_long`` and
     # ``_walk`` (its own recursive call) refer to the compiled ones.
     namespace = {"__name__": __name__, "_CORRUPT": _CORRUPT, "np": np}
+    namespace.update(_BLOCK_ERRORS)
 
     def compiled(fn):
         copy = types.FunctionType(fn.__code__, namespace, fn.__name__)
@@ -899,8 +909,8 @@ def _block_error(state):
     if error == _BAD_SYNC:
         return ValueError("expected sync marker not found")
     if error == _BAD_RECORD:
-        return ValueError("Avro record does not fit its schema (corrupt or cut off)")
-    return ValueError("corrupt block header")
+        return ValueError(_DOES_NOT_FIT)
+    return ValueError("corrupt block header")  # _BAD_HEADER
 
 
 class _Records:
@@ -921,7 +931,7 @@ class _Records:
         if r == self.count:
             raise StopIteration
         if r == self.n_ok:
-            raise ValueError("Avro record does not fit its schema (corrupt or cut off)")
+            raise ValueError(_DOES_NOT_FIT)
         self.index += 1
         starts, ends, ints, floats, flags = self.values
         return self.build(self.buf, starts[r], ends[r], ints[r], floats[r], flags[r])
