@@ -125,6 +125,12 @@ def _project(schema):
     return {**schema, "fields": fields}
 
 
+def _fast_turn():
+    """Whether the compiled decoder takes the next records (where it can):
+    it is on, and the process has decoded :data:`_FAST_AFTER` with fastavro."""
+    return _FAST_DECODER and _RECORDS_DECODED[0] >= _FAST_AFTER
+
+
 class _Schemas:
     """How to decode the records written with one Avro schema.
 
@@ -154,10 +160,10 @@ class _Schemas:
 
     def read(self, buf, pos, fastavro):
         """``(record, next position)`` of the record of ``buf`` at ``pos``."""
-        fast = self.fast_now()
-        if fast is not None:
-            return fast.read(buf, pos)
-        if not (_FAST_DECODER and _RECORDS_DECODED[0] >= _FAST_AFTER):
+        if _fast_turn():
+            if self.fast is not None:
+                return self.fast.read(buf, pos)
+        else:
             _RECORDS_DECODED[0] += 1
         f = io.BytesIO(buf)
         f.seek(pos)
@@ -165,9 +171,7 @@ class _Schemas:
 
     def fast_now(self):
         """The compiled decoder when it takes the next records, else None."""
-        if _FAST_DECODER and _RECORDS_DECODED[0] >= _FAST_AFTER:
-            return self.fast
-        return None
+        return self.fast if _fast_turn() else None
 
     def records(self, buf, count, fastavro):
         """The ``count`` records of ``buf`` (a block of a container file)."""
