@@ -146,6 +146,35 @@ def test_a_block_with_a_damaged_record(ztf):
         next(got)
 
 
+@pytest.mark.parametrize("chunk", [4096, 1 << 23])
+def test_container_walk_of_records_that_take_different_union_branches(
+    monkeypatch, ztf, chunk
+):
+    """Records walked in one call whose cutouts and nullable fields are
+    present in some and null in others: each field is decoded for the
+    records that have it (the records are built field by field)."""
+    schema, records = ztf
+    mixed = []
+    for i, record in enumerate(records * 2):
+        record = {**record, "candidate": dict(record["candidate"])}
+        if i % 3 == 1:
+            record["cutoutTemplate"] = None
+        if i % 4 == 2:
+            record["cutoutDifference"] = record["cutoutScience"] = None
+        if i % 2:
+            record["candidate"]["rb"] = record["candidate"]["xpos"] = None
+        mixed.append(record)
+    monkeypatch.setattr(_avro, "_CHUNK", chunk)
+    got, error = fast_records(container(schema, mixed))
+    assert error is None and got == projected(schema, mixed)
+    assert [r["cutoutTemplate"] is None for r in got] == [
+        i % 3 == 1 for i in range(len(mixed))
+    ]
+    assert [r["candidate"]["rb"] is None for r in got] == [
+        i % 2 == 1 for i in range(len(mixed))
+    ]
+
+
 def test_container_walk_of_empty_blocks_and_no_records(monkeypatch, ztf):
     schema, records = ztf
     data = container(schema, [])

@@ -816,6 +816,18 @@ def test_fast_decoder_equals_fastavro_on_synthetic_records(data):
     if reader is not None:
         want = fastavro.schemaless_reader(io.BytesIO(raw), writer, reader)
         assert same(got, want)
+    # decoded many at a time (records built field by field, each union
+    # branch from the records that take it), after other records
+    more = [
+        Encoder(data.draw, named)(schema) for _ in range(data.draw(st.integers(0, 4)))
+    ]
+    block = b"".join([raw, *more])
+    decoded = dec.records(block, 1 + len(more))
+    assert same(next(decoded), got)
+    for r in more:
+        want = fastavro.schemaless_reader(io.BytesIO(r), writer, None)
+        assert same(next(decoded), hand_projection(schema, want))
+    assert decoded.stop == len(block)
     # every proper prefix is cut off
     for k in range(0, len(raw), max(1, len(raw) // 40)):
         with pytest.raises(ValueError):

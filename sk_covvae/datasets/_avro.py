@@ -782,14 +782,16 @@ class RecordDecoder:
         return _Records(self, buf, count, pos)
 
     def _decode(self, buf, count, pos):
-        """The walk of :meth:`records`: ``(records that fit, per-record
-        lists of starts, ends, ints, floats, flags; stops)``."""
+        """The walk of :meth:`records`: ``(records that fit, their dicts,
+        stops)``."""
         data = np.frombuffer(buf, dtype=np.uint8)
         tables, stops = self._tables(count)
-        n_ok = self._walk_block(
-            data, pos, len(data), count, self.root, *self.tables, tables, stops
+        n_ok = int(
+            self._walk_block(
+                data, pos, len(data), count, self.root, *self.tables, tables, stops
+            )
         )
-        return int(n_ok), _lists(tables), stops.tolist()
+        return n_ok, self._build(buf, _first_rows(tables, n_ok)), stops.tolist()
 
     def _tables(self, count):
         """Empty ``(out, kinds, nulls, ints, floats, flags)`` and ``stops``
@@ -831,10 +833,7 @@ class RecordDecoder:
                 state,
             )
             del data
-            starts, ends, ints, floats, flags = _lists(tables)
-            build = self._build
-            for r in range(n):
-                yield build(buf, starts[r], ends[r], ints[r], floats[r], flags[r])
+            yield from self._build(buf, _first_rows(tables, n))
             error, used_up = state[0], n < limit and not state[0]
             limit = min(2 * limit, 256)
             if not at_end and (used_up or error in (_CUT_HEADER, _CUT_BLOCK)):
@@ -860,43 +859,67 @@ class RecordDecoder:
                 return
 
     def _builder(self, plan):
-        """``build(buf, starts, ends, ints, floats, flags)``: the dict of a
-        record's wanted fields from its slots (one record's rows of the
-        tables), a getter per field chosen once here."""
-        getters = [
-            (name, self._getter(slot, kind, read)) for name, slot, kind, read in plan
-        ]
+        """``build(buf, tables)``: the dicts of the wanted fields of the
+        records of ``tables`` (the walk's rows, one per record), built field
+        by field for all the records at once: a column per field, chosen
+        once here, then a dict per record."""
+        names = [name for name, *_ in plan]
+        columns = [self._column(slot, kind, read) for _, slot, kind, read in plan]
 
-        def build(buf, *slots):
-            return {name: get(buf, *slots) for name, get in getters}
+        def build(buf, tables):
+            if not columns:
+                return [{} for _ in range(len(tables[0]))]
+            values = [column(buf, tables) for column in columns]
+            return [dict(zip(names, row, strict=True)) for row in zip(*values)]
 
         return build
 
-    def _getter(self, slot, kind, read):
-        if kind == _PRIMITIVE:  # decoded by _leaves; flags: null or not met
-            return _primitive_getter(read, slot)
+    def _column(self, slot, kind, read):
+        """``column(buf, tables)``: the values of one field, a list with one
+        per row of ``tables``."""
+        if kind == _PRIMITIVE:  # decoded by _leaves
+            return _primitive_column(read, slot)
         if kind == _SUB:  # a record of wanted fields
             return self._builder(read)
         if kind == _LEAF:  # decoded whole by a value reader
-            return lambda buf, starts, *_: read(buf, starts[slot])[0]
+            return lambda buf, tables: [
+                read(buf, p)[0] for p in tables[0][:, slot, 0].tolist()
+            ]
         branches = [  # a union: the branch index, then the branch
             (k, self._builder(r) if k == _SUB else r) for k, r in read
         ]
 
-        def get_union(buf, *slots):
-            branch, pos = _py_long(buf, slots[0][slot])
-            k, r = branches[branch]
-            return r(buf, *slots) if k == _SUB else r(buf, pos)[0]
+        def union_column(buf, tables):
+            taken = [_py_long(buf, p) for p in tables[0][:, slot, 0].tolist()]
+            indices = [b for b, _ in taken]
+            values = [None] * len(taken)
+            for b in set(indices):
+                k, r = branches[b]
+                rows = [i for i, index in enumerate(indices) if index == b]
+                if k != _SUB:
+                    for i in rows:
+                        values[i] = r(buf, taken[i][1])[0]
+                    continue
+                # the fields of a branch not taken are not met: the record is
+                # built from the rows that took it only
+                some = tables if len(rows) == len(taken) else _rows_of(tables, rows)
+                for i, value in zip(rows, r(buf, some), strict=True):
+                    values[i] = value
+            return values
 
-        return get_union
+        return union_column
 
 
-def _lists(tables):
-    """``(starts, ends, ints, floats, flags)`` of ``tables``: per record, a
-    list per table."""
-    out, _, _, ints, floats, flags = tables
-    starts, ends = out[:, :, 0].tolist(), out[:, :, 1].tolist()
-    return starts, ends, ints.tolist(), floats.tolist(), flags.tolist()
+def _first_rows(tables, n):
+    """The walk's ``tables`` for its first ``n`` records."""
+    out, kinds, nulls, ints, floats, flags = tables
+    return out[:n], kinds, nulls, ints[:n], floats[:n], flags[:n]
+
+
+def _rows_of(tables, rows):
+    """The walk's ``tables`` for the records ``rows`` (indices)."""
+    out, kinds, nulls, ints, floats, flags = tables
+    return out[rows], kinds, nulls, ints[rows], floats[rows], flags[rows]
 
 
 def _block_error(state):
@@ -918,8 +941,7 @@ class _Records:
 
     def __init__(self, decoder, buf, count, pos):
         self.n_ok, self.values, stops = decoder._decode(buf, count, pos)
-        self.buf, self.count, self.index = buf, count, 0
-        self.build = decoder._build
+        self.count, self.index = count, 0
         #: Position after the last record that fits the schema.
         self.stop = stops[self.n_ok - 1] if self.n_ok else pos
 
@@ -933,24 +955,47 @@ class _Records:
         if r == self.n_ok:
             raise ValueError(_DOES_NOT_FIT)
         self.index += 1
-        starts, ends, ints, floats, flags = self.values
-        return self.build(self.buf, starts[r], ends[r], ints[r], floats[r], flags[r])
+        return self.values[r]
 
 
-def _primitive_getter(type_name, s):
-    """The getter of slot ``s``, a primitive decoded by _leaves (None when
-    flagged: null, or not met)."""
-    if type_name in _FLOATS:
-        return lambda buf, st, en, i, f, g: None if g[s] else f[s]
-    if type_name == "string":
-        return lambda buf, st, en, i, f, g: (
-            None if g[s] else str(buf[i[s] : en[s]], "utf-8")
-        )
-    if type_name == "bytes":
-        return lambda buf, st, en, i, f, g: None if g[s] else bytes(buf[i[s] : en[s]])
-    if type_name == "boolean":
-        return lambda buf, st, en, i, f, g: None if g[s] else bool(i[s])
-    return lambda buf, st, en, i, f, g: None if g[s] else i[s]  # int, long
+def _utf8(value):
+    return str(value, "utf-8")
+
+
+def _primitive_column(type_name, s):
+    """The column of slot ``s``, a primitive decoded by :func:`_leaves`:
+    None where flagged (null, or not met)."""
+    if type_name in ("string", "bytes"):
+
+        def text_column(buf, tables):
+            out, _, _, ints, _, flags = tables
+            convert = _utf8 if type_name == "string" else bytes
+            return [
+                None if g else convert(buf[a:b])
+                for a, b, g in zip(
+                    ints[:, s].tolist(),
+                    out[:, s, 1].tolist(),
+                    flags[:, s].tolist(),
+                    strict=True,
+                )
+            ]
+
+        return text_column
+
+    def column(buf, tables):
+        _, _, _, ints, floats, flags = tables
+        if type_name in _FLOATS:
+            values = floats[:, s].tolist()
+        elif type_name == "boolean":
+            values = (ints[:, s] != 0).tolist()
+        else:  # int, long
+            values = ints[:, s].tolist()
+        null = flags[:, s]
+        if not null.any():
+            return values
+        return [None if g else v for v, g in zip(values, null.tolist(), strict=True)]
+
+    return column
 
 
 _unpack_float = struct.Struct("<f").unpack_from
