@@ -174,6 +174,24 @@ def test_fast_decoder_equals_fastavro_on_every_shipped_packet(folder):
         assert any(got.get(c) is not None for c in CUTOUTS), name
 
 
+def test_the_readers_decoder_gives_cutout_bytes_as_views():
+    """The readers' decoder (``views``) gives bytes fields as read-only
+    memoryviews of the buffer, equal to fastavro's bytes; a buffer that is
+    not a bytes object still gives copies."""
+    name, schema, block, start, end = shipped_records("ztf_alerts")[0]
+    views = _readers._parse_schemas(schema).fast
+    got, stop = views.read(block, start)
+    want, _ = reference(schema, block, start)
+    assert stop == end
+    for field in CUTOUTS:
+        data = got[field]["stampData"]
+        assert isinstance(data, memoryview) and data.readonly
+        assert data.obj is block and data == want[field]["stampData"]
+        assert _readers._stamp_data(got[field]) is data
+    copied, _ = views.read(bytearray(block), start)
+    assert same(copied, want)
+
+
 def test_fast_decoder_on_records_after_other_bytes():
     """``pos`` may point into a buffer; ``next_pos`` is absolute."""
     name, schema, block, start, end = shipped_records("rubin_alerts")[0]

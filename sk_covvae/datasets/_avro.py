@@ -715,12 +715,16 @@ class RecordDecoder:
     walk : tuple of callables
         The compiled :func:`_walk`, :func:`_leaves`, :func:`_walk_block` and
         :func:`_walk_blocks` (from :func:`_jitted`).
+    views : bool, default=False
+        Give values of type bytes as read-only memoryviews of the decoded
+        buffer, when it is a bytes object, instead of copies (the readers:
+        most cutouts they meet are not decoded, or decoded once).
 
     Use :func:`record_decoder`, which returns None when numba is missing or
     the schema needs something the walker does not do.
     """
 
-    def __init__(self, schema, top_fields, sub_fields, walk):
+    def __init__(self, schema, top_fields, sub_fields, walk, views=False):
         schema = _clean(schema)
         if not isinstance(schema, dict) or schema.get("type") not in _RECORDS:
             raise _Unsupported("not a record schema")
@@ -733,6 +737,7 @@ class RecordDecoder:
         self.n_slots = max(c.n_slots, 1)
         self._kinds = np.zeros(self.n_slots, dtype=np.int64)
         self._nulls = np.full(self.n_slots, -1, dtype=np.int64)
+        self._views = views
         self._plan = self._readers(c, self.plan)
         self._build = self._builder(self._plan)
         self._walk, self._leaves, self._walk_block, self._walk_blocks = walk
@@ -878,7 +883,7 @@ class RecordDecoder:
         """``column(buf, tables)``: the values of one field, a list with one
         per row of ``tables``."""
         if kind == _PRIMITIVE:  # decoded by _leaves
-            return _primitive_column(read, slot)
+            return _primitive_column(read, slot, self._views)
         if kind == _SUB:  # a record of wanted fields
             return self._builder(read)
         if kind == _LEAF:  # decoded whole by a value reader
@@ -962,14 +967,24 @@ def _utf8(value):
     return str(value, "utf-8")
 
 
-def _primitive_column(type_name, s):
+def _same(value):
+    return value
+
+
+def _primitive_column(type_name, s, views=False):
     """The column of slot ``s``, a primitive decoded by :func:`_leaves`:
-    None where flagged (null, or not met)."""
+    None where flagged (null, or not met). With ``views``, bytes are
+    memoryviews of a buffer of type bytes (see :class:`RecordDecoder`)."""
     if type_name in ("string", "bytes"):
 
         def text_column(buf, tables):
             out, _, _, ints, _, flags = tables
-            convert = _utf8 if type_name == "string" else bytes
+            if type_name == "string":
+                convert = _utf8
+            elif views and type(buf) is bytes:
+                convert, buf = _same, memoryview(buf)
+            else:
+                convert = bytes
             return [
                 None if g else convert(buf[a:b])
                 for a, b, g in zip(
@@ -1130,16 +1145,16 @@ def _value_reader(compiler, schema, namespace, building=None):
     raise _Unsupported(f"unknown Avro type {kind!r}")
 
 
-def record_decoder(schema, top_fields, sub_fields):
+def record_decoder(schema, top_fields, sub_fields, views=False):
     """A :class:`RecordDecoder` for ``schema``, or None (decode with fastavro).
 
     None when numba is not installed or the schema needs what the walker
-    does not do.
+    does not do. ``views``: see :class:`RecordDecoder`.
     """
     walk = _jitted()  # (walker, leaf decoder)
     if walk is None:
         return None
     try:
-        return RecordDecoder(schema, top_fields, sub_fields, walk)
+        return RecordDecoder(schema, top_fields, sub_fields, walk, views)
     except (_Unsupported, KeyError, TypeError, ValueError):
         return None

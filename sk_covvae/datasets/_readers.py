@@ -155,7 +155,10 @@ class _Schemas:
     def fast(self):
         """The compiled decoder, or None (built on first use)."""
         if self._fast is None:
-            self._fast = record_decoder(self.schema, _TOP_FIELDS, _SUB_FIELDS) or False
+            self._fast = (
+                record_decoder(self.schema, _TOP_FIELDS, _SUB_FIELDS, views=True)
+                or False
+            )
         return self._fast or None
 
     def read(self, buf, pos, fastavro):
@@ -424,7 +427,7 @@ def _records(source, resolve, fastavro):
 
 def _stamp_data(cutout):
     """The FITS data of a cutout field (bytes-like, not copied), or None."""
-    if isinstance(cutout, Mapping):  # ZTF: {'fileName': ..., 'stampData': ...}
+    if type(cutout) is dict or isinstance(cutout, Mapping):  # ZTF: a record
         cutout = cutout.get("stampData")
     return cutout
 
