@@ -281,12 +281,31 @@ def test_unjitted_walk_agrees_with_jitted_walk_on_real_records():
             np.testing.assert_array_equal(plain, compiled, err_msg=name)
 
 
-@pytest.mark.parametrize("value", [0, 1, 63, -1, 150, -8193, 2**31, -(2**40)])
+EXTREME_LONGS = [2**62 - 1, 2**62, 2**63 - 1, -(2**62), -(2**62) - 1, -(2**63)]
+
+
+@pytest.mark.parametrize(
+    "value", [0, 1, 63, -1, 150, -8193, 2**31, -(2**40), *EXTREME_LONGS]
+)
 def test_plain_read_long_decodes_multibyte_varints_of_a_uint8_buffer(value):
     raw = zz(value)
     buf = np.frombuffer(b"\x00" + raw, dtype=np.uint8)
     got, pos = _avro._read_long(buf, 1, len(buf))
     assert (int(got), int(pos)) == (value, 1 + len(raw))
+
+
+def test_compiled_decoder_reads_longs_of_every_magnitude():
+    """Longs whose zig-zag codes fill all 64 bits (magnitudes from 2**62:
+    the compiled varint reader shifts logically, not arithmetically)."""
+    schema = {
+        "type": "record",
+        "name": "A",
+        "fields": [{"name": "candid", "type": "long"}],
+    }
+    dec = _avro.record_decoder(schema, TOP, SUB)
+    for value in [0, -1, 2**31, *EXTREME_LONGS]:
+        got, stop = dec.read(zz(value), 0)
+        assert got == {"candid": value} and stop == len(zz(value))
 
 
 def test_unjitted_walk_on_a_bytes_buffer_agrees_with_jitted_walk():

@@ -81,7 +81,9 @@ def _read_long(buf, pos, end):
         if b < 0x80:
             break
         shift += 7
-    return (result >> 1) ^ -(result & 1), pos
+    # a logical shift: compiled, ``result`` is an int64, negative for the
+    # zig-zag codes of longs of magnitude 2**62 and more
+    return ((result >> 1) & 0x7FFFFFFFFFFFFFFF) ^ -(result & 1), pos
 
 
 def _walk(buf, pos, end, node, nodes, fields, out):
