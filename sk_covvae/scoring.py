@@ -463,19 +463,39 @@ def _batch_columns(model, batch, shape, method, latents, threads=None):
         scores, Z = _score_X(model, X, method, latents)
     else:
         scores, Z = _score_blocks(model, X, method, latents, threads)
-    frame = batch.frame
+    table = _table(batch)
     columns = {
-        "alert_id": frame["alert_id"].to_numpy(np.int64),
-        "object_id": [None if v is None else str(v) for v in frame["object_id"]],
-        "survey": [str(v) for v in frame["survey"]],
-        "source": [str(v) for v in frame["source"]],
-        "record_index": frame["record_index"].to_numpy(np.int64),
+        "alert_id": np.asarray(table["alert_id"], dtype=np.int64),
+        "object_id": [None if v is None else str(v) for v in table["object_id"]],
+        "survey": [str(v) for v in table["survey"]],
+        "source": [str(v) for v in table["source"]],
+        "record_index": np.asarray(table["record_index"], dtype=np.int64),
         "score": scores,
     }
     if Z is not None:
         for k in range(Z.shape[1]):
             columns[f"latent_{k}"] = Z[:, k]
     return columns
+
+
+def _table(batch):
+    """The columns of a batch of alerts: its frame, or its ``columns`` when
+    it was read without one (the local job)."""
+    return batch.frame if batch.frame is not None else batch.columns
+
+
+def _read_size(model, batch_size):
+    """Alerts per batch read by the local job: ``batch_size``, or fewer, the
+    rows of one inference pass of the model (its ``_block_rows``) when that
+    is smaller. The model then starts on each pass as soon as it is read,
+    instead of waiting for a large batch (the table does not depend on it:
+    see :class:`_ParquetSink`)."""
+    rows = getattr(_final_step(model), "_block_rows", None)
+    try:
+        rows = int(rows()) if rows is not None else batch_size
+    except (AttributeError, TypeError, ValueError):  # e.g. not fitted
+        rows = batch_size
+    return max(1, min(batch_size, rows))
 
 
 def _score_blocks(model, X, method, latents, threads):
@@ -949,13 +969,14 @@ def _run_local(model, files, options, sink, progress, threads=None):
     shape = options["shape"]
     batches, buffers = _iter_alerts(
         files,
-        options["batch_size"],
+        _read_size(model, options["batch_size"]),
         shape[1:],
         options["on_error"],
         None,
         options["channels"],
         first=_FIRST_BATCH,
         reuse=True,
+        frame=False,
     )
     reader = _Prefetched(batches)
     policy = None if threads is None else _ThreadsWhileReading(reader, *threads)
@@ -975,8 +996,8 @@ def _run_local(model, files, options, sink, progress, threads=None):
         buffers.give(batch.images)  # the model is done with them
         if progress is not None:
             done = [position.get(str(s), -1) for s, _ in batch.skipped]
-            if len(batch.frame):
-                done.append(position.get(str(batch.frame["source"].iloc[-1]), -1))
+            if len(batch.images):
+                done.append(position.get(str(batch.columns["source"][-1]), -1))
             progress(sink.n_rows, max(done, default=-1) + 1, len(files))
     if progress is not None:
         progress(sink.n_rows, len(files), len(files))

@@ -317,9 +317,19 @@ def test_stored_image_path_of_a_cut_off_file():
 # --------------------------------------------------------------------------
 
 
-def _reading(paths, batch_size, channels=None, first=None, reuse=False, size=63):
+def _reading(
+    paths, batch_size, channels=None, first=None, reuse=False, size=63, frame=True
+):
     return _readers._iter_alerts(
-        paths, batch_size, size, "raise", None, channels, first=first, reuse=reuse
+        paths,
+        batch_size,
+        size,
+        "raise",
+        None,
+        channels,
+        first=first,
+        reuse=reuse,
+        frame=frame,
     )
 
 
@@ -375,3 +385,21 @@ def test_reused_arrays_not_given_back_are_not_reused(edge_file):
     assert len({id(a) for a in images}) == len(images)
     want = np.concatenate([b.images for b in _reading([edge_file], 5)])
     np.testing.assert_array_equal(np.concatenate(images), want)
+
+
+@pytest.mark.parametrize("channels", [None, ["difference"]])
+def test_batches_without_a_frame_hold_its_columns(edge_file, channels):
+    """The scoring job's batches (``frame=False``): the columns of the frame
+    that iter_alerts gives, as arrays and lists; the same images."""
+    pd = pytest.importorskip("pandas")
+    framed = list(_reading([edge_file], 5, channels))
+    bare = list(_reading([edge_file], 5, channels, frame=False))
+    assert len(bare) == len(framed) == 8
+    for a, b in zip(bare, framed, strict=True):
+        assert a.frame is None and list(a.columns) == list(b.frame.columns)
+        pd.testing.assert_frame_equal(_readers._frame(a.columns), b.frame)
+        np.testing.assert_array_equal(a.images, b.images)
+        assert a.columns["object_id"] == b.frame["object_id"].tolist()
+        assert a.columns["isdiffpos"] == b.frame["isdiffpos"].tolist()
+    padded = np.concatenate([a.columns["padded"] for a in bare])
+    assert padded.dtype == bool and padded[4] and not padded[0]

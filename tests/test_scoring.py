@@ -313,6 +313,35 @@ def test_torch_threads_hold_for_the_call_only(
     assert set(seen) == {before}
 
 
+def test_the_local_job_reads_one_inference_pass_at_a_time(
+    ztf_scored, ztf_model, ztf_files, tmp_path, monkeypatch
+):
+    """Batches of the model's inference pass when ``batch_size`` is larger
+    (the model starts on each as soon as it is read); the same file."""
+    from sk_covvae import scoring
+    from sk_covvae.datasets import _readers
+
+    pipe = ztf_model[1]
+    assert scoring._read_size(pipe, 1000) == pipe[-1]._block_rows() == 256
+    assert scoring._read_size(pipe, 100) == 100
+    assert scoring._read_size(pipe[:-1], 1000) == 1000  # no inference passes
+    sizes, iter_alerts = [], _readers._iter_alerts
+
+    def spy(paths, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return iter_alerts(paths, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(_readers, "_iter_alerts", spy)
+    monkeypatch.setattr(type(pipe[-1]), "_block_rows", lambda self: 12)
+    out = tmp_path / "passes.parquet"
+    score_alerts(ztf_model[0], [ztf_files], out, batch_size=1000, latents=True)
+    assert sizes == [12]
+    monkeypatch.undo()
+    again = tmp_path / "again.parquet"
+    score_alerts(ztf_model[0], [ztf_files], again, batch_size=1000, latents=True)
+    assert again.read_bytes() == Path(ztf_scored[1]).read_bytes()
+
+
 def test_only_the_cutouts_the_model_reads_are_decoded(
     ztf_model, ztf_files, tmp_path, monkeypatch
 ):

@@ -627,63 +627,85 @@ class _Buffers:
             self.free.append(base)
 
 
-def _bunch(rows, shape, skipped, buffers=None):
-    """Stack rows into the Bunch that read_alerts and iter_alerts return."""
-    pd = _require("pandas", "read_alerts")
+def _bunch(rows, shape, skipped, buffers=None, frame=True):
+    """Stack rows into the Bunch that read_alerts and iter_alerts return.
+
+    Without ``frame`` (the scoring job), the Bunch holds ``columns``, the
+    frame's columns as arrays and lists, and ``frame`` is None: a pandas
+    DataFrame per batch is not built.
+    """
     n, (h, w) = len(rows), shape
     if buffers is None:
         images, reused = np.full((n, 3, h, w), np.nan, dtype=np.float32), False
     else:
         images, reused = buffers.take(n, (h, w))
+    # the planes a reused array must have NaN where a cutout is missing
+    refill = buffers.decode if reused else (False, False, False)
     has_variance = any(v is not None for r in rows for v in r["variances"])
     variance = np.full_like(images, np.nan) if has_variance else None
-    padded = np.zeros(n, dtype=bool)
-    n_missing = np.zeros(n, dtype=np.int64)
-    cutout_shape = np.zeros((n, 2), dtype=np.int64)
+    padded, cutout_shape = [], []
     for i, row in enumerate(rows):
-        n_missing[i] = row["n_missing"]
-        for c, image in enumerate(row["planes"]):
+        planes, pad, last = row["planes"], False, (0, 0)
+        for c, image in enumerate(planes):
             if image is None:
-                if reused and buffers.decode[c]:
+                if refill[c]:
                     images[i, c] = np.nan  # a missing cutout
                 continue
             cy, cx = row["centres"][c]
-            padded[i] |= _place(images[i, c], image, cy, cx, fill=reused)
+            pad |= _place(images[i, c], image, cy, cx, fill=reused)
             if variance is not None and row["variances"][c] is not None:
                 _place(variance[i, c], row["variances"][c], cy, cx)
-        shapes = [p.shape for p in row["planes"][::-1] if p is not None]
-        cutout_shape[i] = shapes[0] if shapes else (0, 0)
-    isdiffpos = pd.array([r["isdiffpos"] for r in rows], dtype="boolean")
-    frame = pd.DataFrame(
-        {
-            "survey": pd.Series([r["survey"] for r in rows], dtype=object),
-            "alert_id": np.array([r["alert_id"] for r in rows], dtype=np.int64),
-            "object_id": pd.Series([r["object_id"] for r in rows], dtype=object),
-            "mjd": np.array([r["mjd"] for r in rows], dtype=np.float64),
-            "band": pd.Series([r["band"] for r in rows], dtype=object),
-            "ra": np.array([r["ra"] for r in rows], dtype=np.float64),
-            "dec": np.array([r["dec"] for r in rows], dtype=np.float64),
-            "rb": np.array([r["rb"] for r in rows], dtype=np.float64),
-            "drb": np.array([r["drb"] for r in rows], dtype=np.float64),
-            "reliability": np.array([r["reliability"] for r in rows], np.float64),
-            "isdiffpos": isdiffpos,
-            "padded": padded,
-            "n_missing_cutouts": n_missing,
-            "cutout_height": cutout_shape[:, 0],
-            "cutout_width": cutout_shape[:, 1],
-            "source": pd.Series([r["source"] for r in rows], dtype=object),
-            "record_index": np.array([r["record_index"] for r in rows], np.int64),
-        },
-        columns=list(_FRAME_COLUMNS),
-    )
-    return Bunch(
+            last = image.shape
+        padded.append(pad)
+        cutout_shape.append(last)
+    cutout_shape = np.array(cutout_shape, dtype=np.int64).reshape(n, 2)
+    columns = {
+        "survey": [r["survey"] for r in rows],
+        "alert_id": np.array([r["alert_id"] for r in rows], dtype=np.int64),
+        "object_id": [r["object_id"] for r in rows],
+        "mjd": np.array([r["mjd"] for r in rows], dtype=np.float64),
+        "band": [r["band"] for r in rows],
+        "ra": np.array([r["ra"] for r in rows], dtype=np.float64),
+        "dec": np.array([r["dec"] for r in rows], dtype=np.float64),
+        "rb": np.array([r["rb"] for r in rows], dtype=np.float64),
+        "drb": np.array([r["drb"] for r in rows], dtype=np.float64),
+        "reliability": np.array([r["reliability"] for r in rows], np.float64),
+        "isdiffpos": [r["isdiffpos"] for r in rows],
+        "padded": np.array(padded, dtype=bool),
+        "n_missing_cutouts": np.array([r["n_missing"] for r in rows], np.int64),
+        "cutout_height": cutout_shape[:, 0],
+        "cutout_width": cutout_shape[:, 1],
+        "source": [r["source"] for r in rows],
+        "record_index": np.array([r["record_index"] for r in rows], np.int64),
+    }
+    out = Bunch(
         images=images,
         variance=variance,
-        frame=frame,
+        frame=_frame(columns) if frame else None,
         skipped=list(skipped),
         image_shape=(3, h, w),
         channels=ALERT_CHANNELS,
     )
+    if not frame:
+        out.columns = columns
+    return out
+
+
+def _frame(columns):
+    """The DataFrame of a batch's ``columns`` (see :func:`_bunch`)."""
+    pd = _require("pandas", "read_alerts")
+    objects = ("survey", "object_id", "band", "source")
+    data = {
+        name: (
+            pd.Series(values, dtype=object)
+            if name in objects
+            else pd.array(values, dtype="boolean")
+            if name == "isdiffpos"
+            else values
+        )
+        for name, values in columns.items()
+    }
+    return pd.DataFrame(data, columns=list(_FRAME_COLUMNS))
 
 
 # --------------------------------------------------------------------------
@@ -807,20 +829,21 @@ def _rows(sources, resolve, on_error, skipped, decode=(True, True, True)):
             fail(name, str(exc), exc)
 
 
-def _batches(rows, batch_size, shape, skipped, first=None, buffers=None):
+def _batches(rows, batch_size, shape, skipped, first=None, buffers=None, frame=True):
     """Bunches of ``batch_size`` rows; with ``first``, the first holds that
     many and each next one twice as many, up to ``batch_size``. With
-    ``buffers`` (a :class:`_Buffers`), their images reuse its arrays."""
+    ``buffers`` (a :class:`_Buffers`), their images reuse its arrays;
+    ``frame``: see :func:`_bunch`."""
     batch, size = [], min(first or batch_size, batch_size)
     for row in rows:
         batch.append(row)
         if len(batch) == size:
             shape = shape or _common_shape(batch)
-            yield _bunch(batch, shape, skipped, buffers)
+            yield _bunch(batch, shape, skipped, buffers, frame)
             skipped.clear()
             batch, size = [], min(2 * size, batch_size)
     if batch or skipped:
-        yield _bunch(batch, shape or _common_shape(batch), skipped, buffers)
+        yield _bunch(batch, shape or _common_shape(batch), skipped, buffers, frame)
 
 
 # --------------------------------------------------------------------------
@@ -1013,14 +1036,23 @@ def iter_alerts(
 
 
 def _iter_alerts(
-    paths, batch_size, size, on_error, schema, channels, first=None, reuse=False
+    paths,
+    batch_size,
+    size,
+    on_error,
+    schema,
+    channels,
+    first=None,
+    reuse=False,
+    frame=True,
 ):
     """:func:`iter_alerts` after its check of ``batch_size``.
 
     ``first``: see :func:`_batches` (the scoring job starts small, so that
     the model does not wait long for its first batch). ``reuse``: the
     batches' images reuse the arrays given back to the returned iterator's
-    ``buffers`` (see :class:`_Buffers`).
+    ``buffers`` (see :class:`_Buffers`). Without ``frame``, the batches hold
+    ``columns`` instead of a DataFrame (see :func:`_bunch`).
     """
     shape = _check_size(size)
     _check_on_error(on_error)
@@ -1028,5 +1060,5 @@ def _iter_alerts(
     sources, resolve, skipped = _sources(paths), _schema_resolver(schema), []
     rows = _rows(sources, resolve, on_error, skipped, decode)
     buffers = _Buffers(decode) if reuse else None
-    batches = _batches(rows, batch_size, shape, skipped, first, buffers)
+    batches = _batches(rows, batch_size, shape, skipped, first, buffers, frame)
     return (batches, buffers) if reuse else batches
