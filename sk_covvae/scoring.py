@@ -484,18 +484,20 @@ def _table(batch):
     return batch.frame if batch.frame is not None else batch.columns
 
 
-def _read_size(model, batch_size):
-    """Alerts per batch read by the local job: ``batch_size``, or fewer, the
-    rows of one inference pass of the model (its ``_block_rows``) when that
-    is smaller. The model then starts on each pass as soon as it is read,
-    instead of waiting for a large batch (the table does not depend on it:
-    see :class:`_ParquetSink`)."""
+def _pass_rows(model, default):
+    """Rows of one inference pass of the (fitted) model's last step, its
+    ``_block_rows``, or ``default`` for an estimator without them."""
     rows = getattr(_final_step(model), "_block_rows", None)
-    try:
-        rows = int(rows()) if rows is not None else batch_size
-    except (AttributeError, TypeError, ValueError):  # e.g. not fitted
-        rows = batch_size
-    return max(1, min(batch_size, rows))
+    return default if rows is None else max(int(rows()), 1)
+
+
+def _read_size(model, batch_size):
+    """Alerts per batch read by the local job: ``batch_size``, or one
+    inference pass of the model when that is smaller. The model then starts
+    on each pass as soon as it is read, instead of waiting for a large
+    batch to fill (the table does not depend on it: see
+    :class:`_ParquetSink`)."""
+    return min(batch_size, _pass_rows(model, batch_size))
 
 
 def _score_blocks(model, X, method, latents, threads):
@@ -506,9 +508,9 @@ def _score_blocks(model, X, method, latents, threads):
     """
     import torch
 
-    rows = getattr(_final_step(model), "_block_rows", lambda: len(X))()
+    rows = _pass_rows(model, max(len(X), 1))
     parts = []
-    for i in range(0, len(X), max(int(rows), 1)):
+    for i in range(0, len(X), rows):
         torch.set_num_threads(threads())
         parts.append(_score_X(model, X[i : i + rows], method, latents))
     scores = np.concatenate([s for s, _ in parts]) if parts else np.empty(0)

@@ -694,17 +694,10 @@ def _bunch(rows, shape, skipped, buffers=None, frame=True):
 def _frame(columns):
     """The DataFrame of a batch's ``columns`` (see :func:`_bunch`)."""
     pd = _require("pandas", "read_alerts")
-    objects = ("survey", "object_id", "band", "source")
-    data = {
-        name: (
-            pd.Series(values, dtype=object)
-            if name in objects
-            else pd.array(values, dtype="boolean")
-            if name == "isdiffpos"
-            else values
-        )
-        for name, values in columns.items()
-    }
+    data = dict(columns)
+    for name in ("survey", "object_id", "band", "source"):
+        data[name] = pd.Series(columns[name], dtype=object)
+    data["isdiffpos"] = pd.array(columns["isdiffpos"], dtype="boolean")
     return pd.DataFrame(data, columns=list(_FRAME_COLUMNS))
 
 
