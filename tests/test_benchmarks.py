@@ -138,3 +138,28 @@ def test_scoring_section(bench, tmp_path):
     assert all(math.isfinite(x) for x in _numbers(section))
     targets = {r["name"].split(",")[0]: r["target"] for r in section["rows"]}
     assert targets["score_alerts one multi-alert file"] == ">= 0.50"
+
+
+def test_reader_contention_script():
+    """The diagnostic of the model beside a reader thread, very short."""
+    from benchmarks import bench_scoring, reader_contention
+
+    if not bench_scoring.available():
+        pytest.skip("the shipped alert packets (../shared/data) are absent")
+    pytest.importorskip("numba")
+    import torch
+
+    from sk_covvae.datasets import _readers
+
+    threads, fast_after = torch.get_num_threads(), _readers._FAST_AFTER
+    rows = reader_contention.main(["--seconds", "0.3", "--copies", "1"])
+    assert torch.get_num_threads() == threads  # restored
+    assert _readers._FAST_AFTER == fast_after
+    assert [r[0] for r in rows] == [
+        "model alone",
+        "beside the job's reader",
+        "beside gunzip and copy only",
+    ]
+    for _, rate, share, read in rows:
+        assert rate > 0 and 0 < share <= 1.1
+        assert read is None or read > 0
