@@ -401,15 +401,22 @@ def stamps_to_X(images, variance, shape):
 
 def _score_X(model, X, method, latents):
     """Anomaly scores (and latent features) of the rows X, float64."""
+    return _score_last(model, _preprocess(model, X), method, latents)
+
+
+def _preprocess(model, X):
+    """The rows that the model's last step reads: ``X`` through the other
+    steps of a pipeline (``X`` itself for an estimator)."""
     steps = getattr(model, "steps", None)
-    if steps:
-        Xt = X
-        for _, step in steps[:-1]:
-            if step is not None and step != "passthrough":
-                Xt = step.transform(Xt)
-        last = steps[-1][1]
-    else:
-        Xt, last = X, model
+    for _, step in (steps or [])[:-1]:
+        if step is not None and step != "passthrough":
+            X = step.transform(X)
+    return X
+
+
+def _score_last(model, Xt, method, latents):
+    """:func:`_score_X` of rows already through :func:`_preprocess`."""
+    last = _final_step(model)
     scores = np.asarray(last.anomaly_score(Xt, method=method), dtype=np.float64)
     Z = np.asarray(last.transform(Xt), dtype=np.float64) if latents else None
     return scores, Z
@@ -451,18 +458,21 @@ def _score_sources(
     return _concat(parts, _n_latent(model) if latents else 0), skipped
 
 
-def _batch_columns(model, batch, shape, method, latents, threads=None):
+def _batch_columns(model, batch, shape, method, latents, threads=None, Xt=None):
     """The table columns of one batch of alerts.
 
     ``threads``, when given, is called before each block of rows the model
     scores and returns how many threads torch uses for it (see
-    :class:`_ThreadsWhileReading`).
+    :class:`_ThreadsWhileReading`). ``Xt``: the batch's rows already
+    through :func:`_preprocess` (the local job prepares them in its reader
+    thread).
     """
-    X = stamps_to_X(batch.images, batch.variance, shape)
+    if Xt is None:
+        Xt = _preprocess(model, stamps_to_X(batch.images, batch.variance, shape))
     if threads is None:
-        scores, Z = _score_X(model, X, method, latents)
+        scores, Z = _score_last(model, Xt, method, latents)
     else:
-        scores, Z = _score_blocks(model, X, method, latents, threads)
+        scores, Z = _score_blocks(model, Xt, method, latents, threads)
     table = _table(batch)
     columns = {
         "alert_id": np.asarray(table["alert_id"], dtype=np.int64),
@@ -500,19 +510,19 @@ def _read_size(model, batch_size):
     return min(batch_size, _pass_rows(model, batch_size))
 
 
-def _score_blocks(model, X, method, latents, threads):
-    """:func:`_score_X` block by block, torch's threads set before each.
+def _score_blocks(model, Xt, method, latents, threads):
+    """:func:`_score_last` block by block, torch's threads set before each.
 
     The blocks are the estimator's inference passes (``_block_rows``, every
     pass the same size), so the scores are those of one call.
     """
     import torch
 
-    rows = _pass_rows(model, max(len(X), 1))
+    rows = _pass_rows(model, max(len(Xt), 1))
     parts = []
-    for i in range(0, len(X), rows):
+    for i in range(0, len(Xt), rows):
         torch.set_num_threads(threads())
-        parts.append(_score_X(model, X[i : i + rows], method, latents))
+        parts.append(_score_last(model, Xt[i : i + rows], method, latents))
     scores = np.concatenate([s for s, _ in parts]) if parts else np.empty(0)
     Z = np.concatenate([z for _, z in parts]) if latents and parts else None
     return scores, Z
@@ -980,9 +990,18 @@ def _run_local(model, files, options, sink, progress, threads=None):
         reuse=True,
         frame=False,
     )
-    reader = _Prefetched(batches)
+
+    def prepared():  # in the reader thread: the model's thread only scores
+        for batch in batches:
+            if not len(batch.images):  # only skipped files
+                yield batch, None
+                continue
+            X = stamps_to_X(batch.images, batch.variance, shape)
+            yield batch, _preprocess(model, X)
+
+    reader = _Prefetched(prepared())
     policy = None if threads is None else _ThreadsWhileReading(reader, *threads)
-    for batch in reader:
+    for batch, Xt in reader:
         skipped.extend((str(s), str(r)) for s, r in batch.skipped)
         if len(batch.images):
             sink.add(
@@ -993,6 +1012,7 @@ def _run_local(model, files, options, sink, progress, threads=None):
                     options["method"],
                     options["latents"],
                     policy,
+                    Xt,
                 )
             )
         buffers.give(batch.images)  # the model is done with them

@@ -277,14 +277,14 @@ def test_torch_threads_hold_for_the_call_only(
 
     from sk_covvae import scoring
 
-    seen, score_X = [], scoring._score_X
+    seen, score_last = [], scoring._score_last
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         time.sleep(0.2)  # the reader gets well ahead: it reads 16 alerts
-        return score_X(*args, **kwargs)
+        return score_last(*args, **kwargs)
 
-    monkeypatch.setattr(scoring, "_score_X", spy)
+    monkeypatch.setattr(scoring, "_score_last", spy)
     before = torch.get_num_threads()
     out = tmp_path / "t.parquet"
     score_alerts(
@@ -340,6 +340,28 @@ def test_the_local_job_reads_one_inference_pass_at_a_time(
     again = tmp_path / "again.parquet"
     score_alerts(ztf_model[0], [ztf_files], again, batch_size=1000, latents=True)
     assert again.read_bytes() == Path(ztf_scored[1]).read_bytes()
+
+
+def test_the_local_job_preprocesses_in_its_reader_thread(
+    ztf_scored, ztf_model, ztf_files, tmp_path, monkeypatch
+):
+    """The pipeline's steps before the model run beside it, in the reader
+    thread; the model's thread only scores. The same file."""
+    import threading
+
+    from sk_covvae import scoring
+
+    where, preprocess = [], scoring._preprocess
+
+    def spy(model, X):
+        where.append(threading.current_thread().name)
+        return preprocess(model, X)
+
+    monkeypatch.setattr(scoring, "_preprocess", spy)
+    out = tmp_path / "pre.parquet"
+    score_alerts(ztf_model[0], [ztf_files], out, batch_size=16, latents=True)
+    assert where == ["sk_covvae-reader"] * 3  # 16 + 16 + 8 alerts
+    assert out.read_bytes() == Path(ztf_scored[1]).read_bytes()
 
 
 def test_only_the_cutouts_the_model_reads_are_decoded(
