@@ -802,7 +802,7 @@ class RecordDecoder:
                 data, pos, len(data), count, self.root, *self.tables, tables, stops
             )
         )
-        return n_ok, self._build(buf, _first_rows(tables, n_ok)), stops.tolist()
+        return n_ok, self._build(buf, _rows_of(tables, slice(n_ok))), stops.tolist()
 
     def _tables(self, count):
         """Empty ``(out, kinds, nulls, ints, floats, flags)`` and ``stops``
@@ -845,8 +845,8 @@ class RecordDecoder:
             )
             del data
             for first in range(0, n, _BUILD_AT_ONCE):
-                rows = _row_range(tables, first, min(first + _BUILD_AT_ONCE, n))
-                yield from self._build(buf, rows)
+                rows = slice(first, min(first + _BUILD_AT_ONCE, n))
+                yield from self._build(buf, _rows_of(tables, rows))
             error, used_up = state[0], n < limit and not state[0]
             limit = min(2 * limit, 256)
             if not at_end and (used_up or error in (_CUT_HEADER, _CUT_BLOCK)):
@@ -923,20 +923,8 @@ class RecordDecoder:
         return union_column
 
 
-def _first_rows(tables, n):
-    """The walk's ``tables`` for its first ``n`` records."""
-    return _row_range(tables, 0, n)
-
-
-def _row_range(tables, start, stop):
-    """The walk's ``tables`` for its records ``start`` to ``stop``."""
-    out, kinds, nulls, ints, floats, flags = tables
-    rows = slice(start, stop)
-    return out[rows], kinds, nulls, ints[rows], floats[rows], flags[rows]
-
-
 def _rows_of(tables, rows):
-    """The walk's ``tables`` for the records ``rows`` (indices)."""
+    """The walk's ``tables`` for the records ``rows`` (a slice or indices)."""
     out, kinds, nulls, ints, floats, flags = tables
     return out[rows], kinds, nulls, ints[rows], floats[rows], flags[rows]
 
