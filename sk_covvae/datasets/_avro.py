@@ -794,7 +794,7 @@ class RecordDecoder:
 
     def _decode(self, buf, count, pos):
         """The walk of :meth:`records`: ``(records that fit, their dicts,
-        stops)``."""
+        position after the last of them)``."""
         data = np.frombuffer(buf, dtype=np.uint8)
         tables, stops = self._tables(count)
         n_ok = int(
@@ -802,7 +802,8 @@ class RecordDecoder:
                 data, pos, len(data), count, self.root, *self.tables, tables, stops
             )
         )
-        return n_ok, self._build(buf, _rows_of(tables, slice(n_ok))), stops.tolist()
+        stop = int(stops[n_ok - 1]) if n_ok else pos
+        return n_ok, self._build(buf, _rows_of(tables, slice(n_ok))), stop
 
     def _tables(self, count):
         """Empty ``(out, kinds, nulls, ints, floats, flags)`` and ``stops``
@@ -947,10 +948,9 @@ class _Records:
     """The iterator of :meth:`RecordDecoder.records`."""
 
     def __init__(self, decoder, buf, count, pos):
-        self.n_ok, self.values, stops = decoder._decode(buf, count, pos)
+        #: ``stop``: the position after the last record that fits the schema.
+        self.n_ok, self.values, self.stop = decoder._decode(buf, count, pos)
         self.count, self.index = count, 0
-        #: Position after the last record that fits the schema.
-        self.stop = stops[self.n_ok - 1] if self.n_ok else pos
 
     def __iter__(self):
         return self
