@@ -414,6 +414,11 @@ def _preprocess(model, X):
     return X
 
 
+def _model_rows(model, batch, shape):
+    """The rows that the model's last step reads from a batch of alerts."""
+    return _preprocess(model, stamps_to_X(batch.images, batch.variance, shape))
+
+
 def _score_last(model, Xt, method, latents):
     """:func:`_score_X` of rows already through :func:`_preprocess`."""
     last = _final_step(model)
@@ -468,7 +473,7 @@ def _batch_columns(model, batch, shape, method, latents, threads=None, Xt=None):
     thread).
     """
     if Xt is None:
-        Xt = _preprocess(model, stamps_to_X(batch.images, batch.variance, shape))
+        Xt = _model_rows(model, batch, shape)
     if threads is None:
         scores, Z = _score_last(model, Xt, method, latents)
     else:
@@ -992,12 +997,8 @@ def _run_local(model, files, options, sink, progress, threads=None):
     )
 
     def prepared():  # in the reader thread: the model's thread only scores
-        for batch in batches:
-            if not len(batch.images):  # only skipped files
-                yield batch, None
-                continue
-            X = stamps_to_X(batch.images, batch.variance, shape)
-            yield batch, _preprocess(model, X)
+        for batch in batches:  # (a batch of only skipped files has no rows)
+            yield batch, _model_rows(model, batch, shape) if len(batch.images) else None
 
     reader = _Prefetched(prepared())
     policy = None if threads is None else _ThreadsWhileReading(reader, *threads)
